@@ -1,0 +1,1 @@
+//! Devices the guest sees and the backends that serve them.

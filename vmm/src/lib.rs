@@ -1,0 +1,1 @@
+//! The VMM library: configuration, memory, boot, vCPUs.
