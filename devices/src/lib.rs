@@ -1,1 +1,2 @@
 //! Devices the guest sees and the backends that serve them.
+pub mod virtio_mmio;

@@ -1,0 +1,17 @@
+//! virtio-mmio: how the guest finds and programs a virtio device through a window of
+//! memory-mapped registers (virtio spec 1.2, §4.2), and a device whose queues a vhost-user
+//! backend serves.
+//!
+//! - [`registers`]: the register layout and status bits.
+//! - [`device`]: the [`VirtioDevice`] trait a device implements for the transport.
+//! - [`transport`]: [`MmioTransport`], the register file and the status state machine.
+//! - `interrupt`: how InterruptStatus stays right while the backend raises interrupts itself.
+
+pub mod device;
+mod interrupt;
+pub mod registers;
+pub mod transport;
+
+pub use device::{DeviceError, QueueConfig, VirtioDevice, MAX_QUEUE_SIZE};
+pub use registers::{MMIO_WINDOW_SIZE, QUEUE_NOTIFY};
+pub use transport::{MmioTransport, TransportError, VIRTIO_F_VERSION_1};
