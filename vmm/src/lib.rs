@@ -1,1 +1,12 @@
-//! The VMM library: configuration, memory, boot, vCPUs.
+//! The VMM library: configuration, guest memory, boot, vCPUs, devices. `main.rs` is a thin CLI
+//! over this; tests build a `VmConfig` directly.
+
+pub mod boot;
+pub mod config;
+pub mod device_manager;
+pub mod exit;
+pub mod layout;
+pub mod legacy;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

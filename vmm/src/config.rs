@@ -1,0 +1,157 @@
+//! Validated VM configuration: what the CLI builds and what tests may build directly.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("invalid memory size '{0}': expected a number with an optional K, M or G suffix (e.g. 256M)")]
+    BadMemSize(String),
+    #[error("memory size {0} bytes is too small: the VM needs at least {1} bytes")]
+    MemTooSmall(u64, u64),
+    #[error("memory size {0} bytes is too large: at most {1} bytes are supported")]
+    MemTooLarge(u64, u64),
+    #[error("--cpus must be between 1 and {max}, got {got}")]
+    BadCpuCount { got: u32, max: u32 },
+    #[error("invalid --blk '{0}': {1}")]
+    BadBlk(String, &'static str),
+}
+
+/// A virtio-blk device: served by our in-process fallback backend or by an external one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlkConfig {
+    /// `--blk path=FILE[,readonly]`: our backend on a thread, over a socketpair.
+    InProcess { path: PathBuf, readonly: bool },
+    /// `--blk socket=PATH`: any vhost-user-blk backend listening on a unix socket.
+    Socket { path: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub mem_bytes: u64,
+    pub cpus: u32,
+    pub blk: Vec<BlkConfig>,
+    pub trace_vhost: bool,
+}
+
+/// Below this the boot structures, the ACPI area and a kernel at 1 MiB cannot fit.
+pub const MIN_MEM_BYTES: u64 = 2 << 20;
+/// One memfd, RAM above the MMIO gap allowed; bounded so a typo can't ask for a petabyte.
+pub const MAX_MEM_BYTES: u64 = 64 << 30;
+/// The in-kernel IOAPIC/MADT we build have room for this many local APICs.
+pub const MAX_CPUS: u32 = 64;
+
+/// Parses `256M`, `1G`, `4096K`, `1048576` (bytes).
+pub fn parse_mem_size(s: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadMemSize(s.to_string());
+    let t = s.trim();
+    let (digits, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        _ => (t, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let bytes = n.checked_mul(1u64 << shift).ok_or_else(bad)?;
+    if bytes < MIN_MEM_BYTES {
+        return Err(ConfigError::MemTooSmall(bytes, MIN_MEM_BYTES));
+    }
+    if bytes > MAX_MEM_BYTES {
+        return Err(ConfigError::MemTooLarge(bytes, MAX_MEM_BYTES));
+    }
+    Ok(bytes)
+}
+
+pub fn check_cpus(n: u32) -> Result<u32, ConfigError> {
+    if n == 0 || n > MAX_CPUS {
+        return Err(ConfigError::BadCpuCount {
+            got: n,
+            max: MAX_CPUS,
+        });
+    }
+    Ok(n)
+}
+
+/// Parses one `--blk` value: `path=FILE[,readonly]` or `socket=PATH`.
+pub fn parse_blk(s: &str) -> Result<BlkConfig, ConfigError> {
+    let bad = |why| ConfigError::BadBlk(s.to_string(), why);
+    let mut path = None;
+    let mut socket = None;
+    let mut readonly = false;
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
+            Some(("socket", v)) if !v.is_empty() => socket = Some(PathBuf::from(v)),
+            None if part == "readonly" => readonly = true,
+            _ => return Err(bad("expected path=FILE[,readonly] or socket=PATH")),
+        }
+    }
+    match (path, socket) {
+        (Some(path), None) => Ok(BlkConfig::InProcess { path, readonly }),
+        (None, Some(path)) if !readonly => Ok(BlkConfig::Socket { path }),
+        (None, Some(_)) => Err(bad(
+            "readonly is a property of the backend; pass it to the backend",
+        )),
+        _ => Err(bad("give exactly one of path= or socket=")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_sizes() {
+        assert_eq!(parse_mem_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_mem_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_mem_size("4096k"), Ok(4 << 20));
+        assert_eq!(parse_mem_size("8388608"), Ok(8 << 20));
+        assert!(matches!(
+            parse_mem_size("1K"),
+            Err(ConfigError::MemTooSmall(..))
+        ));
+        assert!(matches!(
+            parse_mem_size("99999999999G"),
+            Err(ConfigError::BadMemSize(_))
+        ));
+        assert!(matches!(
+            parse_mem_size("1T"),
+            Err(ConfigError::BadMemSize(_))
+        ));
+        assert!(matches!(
+            parse_mem_size("100G"),
+            Err(ConfigError::MemTooLarge(..))
+        ));
+        assert!(matches!(
+            parse_mem_size(""),
+            Err(ConfigError::BadMemSize(_))
+        ));
+    }
+
+    #[test]
+    fn cpus() {
+        assert!(check_cpus(0).is_err());
+        assert_eq!(check_cpus(4), Ok(4));
+        assert!(check_cpus(MAX_CPUS + 1).is_err());
+    }
+
+    #[test]
+    fn blk_specs() {
+        assert_eq!(
+            parse_blk("path=/d.img,readonly"),
+            Ok(BlkConfig::InProcess {
+                path: "/d.img".into(),
+                readonly: true
+            })
+        );
+        assert_eq!(
+            parse_blk("socket=/s"),
+            Ok(BlkConfig::Socket { path: "/s".into() })
+        );
+        assert!(parse_blk("path=/a,socket=/b").is_err());
+        assert!(parse_blk("path=").is_err());
+        assert!(parse_blk("bogus").is_err());
+    }
+}
