@@ -1,2 +1,3 @@
 //! Devices the guest sees and the backends that serve them.
+pub mod serial;
 pub mod virtio_mmio;
