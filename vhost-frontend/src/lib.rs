@@ -1,1 +1,13 @@
-//! The vhost-user protocol: wire format shared by both sides, and the frontend connection.
+//! The vhost-user protocol: the wire format both sides share ([`wire`]), feature bits
+//! ([`features`]), and the frontend connection.
+//!
+//! vhost-user lets a VMM (the *frontend*) hand a virtio device's data path to another process (the
+//! *backend*): over a unix socket the frontend sends the guest memory layout (with memfds), the ring
+//! addresses and two eventfds per queue; from then on the backend reads the rings itself and the
+//! frontend only sees control-path messages.
+
+pub mod features;
+pub mod wire;
+
+#[cfg(test)]
+mod test_support;

@@ -1,0 +1,535 @@
+//! A frontend request as the backend sees it: the header, payload and fds of one message turned into
+//! one typed value, with the payload size and the number of attached fds checked per request.
+
+use std::os::fd::OwnedFd;
+
+use super::{
+    bad_value, wrong_size, ConfigSpace, Header, InflightDescription, MemoryRegion, MemoryTable,
+    ProtocolError, Request, SingleMemoryRegion, U64Payload, VringAddr, VringFdIndex, VringState,
+    WireError,
+};
+
+/// One decoded frontend->backend message. Fds are owned: dropping the message closes them, so an
+/// error path in the backend cannot leak them.
+#[derive(Debug)]
+pub enum FrontendMessage {
+    GetFeatures,
+    SetFeatures(u64),
+    SetOwner,
+    ResetOwner,
+    /// One fd per region, in the same order.
+    SetMemTable {
+        table: MemoryTable,
+        fds: Vec<OwnedFd>,
+    },
+    SetVringNum(VringState),
+    SetVringAddr(VringAddr),
+    SetVringBase(VringState),
+    GetVringBase(VringState),
+    /// `fd` is `None` when the frontend set the "no fd" bit (the backend must poll).
+    SetVringKick {
+        index: u8,
+        fd: Option<OwnedFd>,
+    },
+    SetVringCall {
+        index: u8,
+        fd: Option<OwnedFd>,
+    },
+    SetVringErr {
+        index: u8,
+        fd: Option<OwnedFd>,
+    },
+    GetProtocolFeatures,
+    SetProtocolFeatures(u64),
+    GetQueueNum,
+    SetVringEnable {
+        index: u32,
+        enable: bool,
+    },
+    GetConfig(ConfigSpace),
+    SetConfig(ConfigSpace),
+    /// The frontend fills `num_queues` and `queue_size`; the other fields are ignored.
+    GetInflightFd(InflightDescription),
+    SetInflightFd {
+        description: InflightDescription,
+        fd: OwnedFd,
+    },
+    ResetDevice,
+    GetMaxMemSlots,
+    AddMemReg {
+        region: MemoryRegion,
+        fd: OwnedFd,
+    },
+    RemMemReg(MemoryRegion),
+    /// The virtio device status byte.
+    SetStatus(u8),
+    GetStatus,
+    /// A request known by code that this crate does not model (log, postcopy, crypto, ...). Its fds
+    /// were closed. A backend answers with a failure ack (if NEED_REPLY) or closes the connection.
+    Unsupported(Request),
+}
+
+impl FrontendMessage {
+    /// Decodes one received message. Refuses replies (a frontend never sends one), unknown request
+    /// codes, payloads of the wrong size and any fd count other than what the request carries.
+    /// On error every fd in `fds` is closed.
+    pub fn decode(
+        header: &Header,
+        payload: &[u8],
+        fds: Vec<OwnedFd>,
+    ) -> Result<FrontendMessage, WireError> {
+        let request = header.request_kind()?;
+        let name = request.name();
+        if header.is_reply() {
+            return Err(bad_value(name, "REPLY flag set on a frontend request"));
+        }
+        if header.size as usize != payload.len() {
+            return Err(wrong_size(name, header.size as usize, payload.len()));
+        }
+        let mut fds = FdsOf { name, fds };
+        use FrontendMessage as M;
+        let message = match request {
+            Request::GetFeatures => no_payload(name, payload, &mut fds, M::GetFeatures)?,
+            Request::SetOwner => no_payload(name, payload, &mut fds, M::SetOwner)?,
+            Request::ResetOwner => no_payload(name, payload, &mut fds, M::ResetOwner)?,
+            Request::GetProtocolFeatures => {
+                no_payload(name, payload, &mut fds, M::GetProtocolFeatures)?
+            }
+            Request::GetQueueNum => no_payload(name, payload, &mut fds, M::GetQueueNum)?,
+            Request::ResetDevice => no_payload(name, payload, &mut fds, M::ResetDevice)?,
+            Request::GetMaxMemSlots => no_payload(name, payload, &mut fds, M::GetMaxMemSlots)?,
+            Request::GetStatus => no_payload(name, payload, &mut fds, M::GetStatus)?,
+            Request::SetFeatures => {
+                fds.take(0)?;
+                M::SetFeatures(U64Payload::decode(payload)?.0)
+            }
+            Request::SetProtocolFeatures => {
+                fds.take(0)?;
+                M::SetProtocolFeatures(U64Payload::decode(payload)?.0)
+            }
+            Request::SetStatus => {
+                fds.take(0)?;
+                let status = U64Payload::decode(payload)?.0;
+                let status = u8::try_from(status).map_err(|_| {
+                    bad_value(
+                        name,
+                        format!("status {status:#x} does not fit the 8-bit device status"),
+                    )
+                })?;
+                M::SetStatus(status)
+            }
+            Request::SetMemTable => {
+                let table = MemoryTable::decode(payload)?;
+                let fds = fds.take(table.regions.len())?;
+                M::SetMemTable { table, fds }
+            }
+            Request::SetVringNum => {
+                fds.take(0)?;
+                M::SetVringNum(VringState::decode(payload)?)
+            }
+            Request::SetVringBase => {
+                fds.take(0)?;
+                M::SetVringBase(VringState::decode(payload)?)
+            }
+            Request::GetVringBase => {
+                fds.take(0)?;
+                M::GetVringBase(VringState::decode(payload)?)
+            }
+            Request::SetVringAddr => {
+                fds.take(0)?;
+                M::SetVringAddr(VringAddr::decode(payload)?)
+            }
+            Request::SetVringEnable => {
+                fds.take(0)?;
+                let state = VringState::decode(payload)?;
+                let enable = match state.num {
+                    0 => false,
+                    1 => true,
+                    other => {
+                        return Err(bad_value(
+                            name,
+                            format!("enable must be 0 or 1, got {other}"),
+                        ))
+                    }
+                };
+                M::SetVringEnable {
+                    index: state.index,
+                    enable,
+                }
+            }
+            Request::SetVringKick | Request::SetVringCall | Request::SetVringErr => {
+                let which = VringFdIndex::decode(payload)?;
+                let fd = fds.take(which.expected_fds())?.pop();
+                match request {
+                    Request::SetVringKick => M::SetVringKick {
+                        index: which.index,
+                        fd,
+                    },
+                    Request::SetVringCall => M::SetVringCall {
+                        index: which.index,
+                        fd,
+                    },
+                    _ => M::SetVringErr {
+                        index: which.index,
+                        fd,
+                    },
+                }
+            }
+            Request::GetConfig => {
+                fds.take(0)?;
+                M::GetConfig(ConfigSpace::decode(payload)?)
+            }
+            Request::SetConfig => {
+                fds.take(0)?;
+                M::SetConfig(ConfigSpace::decode(payload)?)
+            }
+            Request::GetInflightFd => {
+                fds.take(0)?;
+                M::GetInflightFd(InflightDescription::decode(payload)?)
+            }
+            Request::SetInflightFd => {
+                let description = InflightDescription::decode(payload)?;
+                let fd = fds.take_one()?;
+                M::SetInflightFd { description, fd }
+            }
+            Request::AddMemReg => {
+                let region = SingleMemoryRegion::decode(payload)?.0;
+                let fd = fds.take_one()?;
+                M::AddMemReg { region, fd }
+            }
+            Request::RemMemReg => {
+                fds.take(0)?;
+                M::RemMemReg(SingleMemoryRegion::decode(payload)?.0)
+            }
+            other => M::Unsupported(other),
+        };
+        Ok(message)
+    }
+
+    /// The request this message is.
+    pub fn request(&self) -> Request {
+        use FrontendMessage as M;
+        match self {
+            M::GetFeatures => Request::GetFeatures,
+            M::SetFeatures(_) => Request::SetFeatures,
+            M::SetOwner => Request::SetOwner,
+            M::ResetOwner => Request::ResetOwner,
+            M::SetMemTable { .. } => Request::SetMemTable,
+            M::SetVringNum(_) => Request::SetVringNum,
+            M::SetVringAddr(_) => Request::SetVringAddr,
+            M::SetVringBase(_) => Request::SetVringBase,
+            M::GetVringBase(_) => Request::GetVringBase,
+            M::SetVringKick { .. } => Request::SetVringKick,
+            M::SetVringCall { .. } => Request::SetVringCall,
+            M::SetVringErr { .. } => Request::SetVringErr,
+            M::GetProtocolFeatures => Request::GetProtocolFeatures,
+            M::SetProtocolFeatures(_) => Request::SetProtocolFeatures,
+            M::GetQueueNum => Request::GetQueueNum,
+            M::SetVringEnable { .. } => Request::SetVringEnable,
+            M::GetConfig(_) => Request::GetConfig,
+            M::SetConfig(_) => Request::SetConfig,
+            M::GetInflightFd(_) => Request::GetInflightFd,
+            M::SetInflightFd { .. } => Request::SetInflightFd,
+            M::ResetDevice => Request::ResetDevice,
+            M::GetMaxMemSlots => Request::GetMaxMemSlots,
+            M::AddMemReg { .. } => Request::AddMemReg,
+            M::RemMemReg(_) => Request::RemMemReg,
+            M::SetStatus(_) => Request::SetStatus,
+            M::GetStatus => Request::GetStatus,
+            M::Unsupported(request) => *request,
+        }
+    }
+}
+
+/// The fds that came with a message, handed out once the request says how many it carries.
+struct FdsOf {
+    name: &'static str,
+    fds: Vec<OwnedFd>,
+}
+
+impl FdsOf {
+    fn take(&mut self, expected: usize) -> Result<Vec<OwnedFd>, WireError> {
+        if self.fds.len() != expected {
+            // Returning drops `self.fds` with the caller's FdsOf: every fd is closed.
+            return Err(ProtocolError::WrongFdCount {
+                what: self.name,
+                expected,
+                got: self.fds.len(),
+            }
+            .into());
+        }
+        Ok(std::mem::take(&mut self.fds))
+    }
+
+    fn take_one(&mut self) -> Result<OwnedFd, WireError> {
+        let mut fds = self.take(1)?;
+        fds.pop()
+            .ok_or(WireError::Protocol(ProtocolError::WrongFdCount {
+                what: self.name,
+                expected: 1,
+                got: 0,
+            }))
+    }
+}
+
+fn no_payload(
+    name: &'static str,
+    payload: &[u8],
+    fds: &mut FdsOf,
+    message: FrontendMessage,
+) -> Result<FrontendMessage, WireError> {
+    fds.take(0)?;
+    if !payload.is_empty() {
+        return Err(wrong_size(name, 0, payload.len()));
+    }
+    Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{eventfd, FD_LOCK};
+    use crate::wire::{MAX_CONFIG_SIZE, MAX_PAYLOAD_SIZE};
+
+    fn decode(request: Request, payload: &[u8], fds: usize) -> Result<FrontendMessage, WireError> {
+        let header = Header::for_request(request, payload.len(), false);
+        FrontendMessage::decode(&header, payload, (0..fds).map(|_| eventfd()).collect())
+    }
+
+    fn fd_count_error(r: Result<FrontendMessage, WireError>) -> (usize, usize) {
+        match r {
+            Err(WireError::Protocol(ProtocolError::WrongFdCount { expected, got, .. })) => {
+                (expected, got)
+            }
+            other => panic!("expected WrongFdCount, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn decodes_every_modelled_request() {
+        let _guard = FD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let state = VringState { index: 0, num: 128 }.encode();
+        let region = MemoryRegion {
+            guest_phys_addr: 0,
+            memory_size: 0x1000,
+            userspace_addr: 0x1000,
+            mmap_offset: 0,
+        };
+        let table = MemoryTable {
+            regions: vec![region],
+        }
+        .encode();
+        let inflight = InflightDescription {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: 128,
+        }
+        .encode();
+        let cases: Vec<(Request, Vec<u8>, usize)> = vec![
+            (Request::GetFeatures, vec![], 0),
+            (Request::SetFeatures, U64Payload(1 << 32).encode(), 0),
+            (Request::SetOwner, vec![], 0),
+            (Request::ResetOwner, vec![], 0),
+            (Request::SetMemTable, table, 1),
+            (Request::SetVringNum, state.clone(), 0),
+            (Request::SetVringAddr, vec![0; 40], 0),
+            (Request::SetVringBase, state.clone(), 0),
+            (Request::GetVringBase, state.clone(), 0),
+            (
+                Request::SetVringKick,
+                VringFdIndex {
+                    index: 0,
+                    no_fd: false,
+                }
+                .encode(),
+                1,
+            ),
+            (
+                Request::SetVringCall,
+                VringFdIndex {
+                    index: 0,
+                    no_fd: true,
+                }
+                .encode(),
+                0,
+            ),
+            (
+                Request::SetVringErr,
+                VringFdIndex {
+                    index: 1,
+                    no_fd: false,
+                }
+                .encode(),
+                1,
+            ),
+            (Request::GetProtocolFeatures, vec![], 0),
+            (Request::SetProtocolFeatures, U64Payload(8).encode(), 0),
+            (Request::GetQueueNum, vec![], 0),
+            (
+                Request::SetVringEnable,
+                VringState { index: 0, num: 1 }.encode(),
+                0,
+            ),
+            (
+                Request::GetConfig,
+                ConfigSpace::request(0, 8).unwrap().encode(),
+                0,
+            ),
+            (
+                Request::SetConfig,
+                ConfigSpace {
+                    offset: 0,
+                    flags: 0,
+                    payload: vec![1],
+                }
+                .encode(),
+                0,
+            ),
+            (Request::GetInflightFd, inflight.clone(), 0),
+            (Request::SetInflightFd, inflight, 1),
+            (Request::ResetDevice, vec![], 0),
+            (Request::GetMaxMemSlots, vec![], 0),
+            (Request::AddMemReg, SingleMemoryRegion(region).encode(), 1),
+            (Request::RemMemReg, SingleMemoryRegion(region).encode(), 0),
+            (Request::SetStatus, U64Payload(0xf).encode(), 0),
+            (Request::GetStatus, vec![], 0),
+            (Request::SendRarp, vec![0; 8], 0),
+            (Request::SetLogFd, vec![], 1),
+        ];
+        for (request, payload, fds) in cases {
+            let message =
+                decode(request, &payload, fds).unwrap_or_else(|e| panic!("{request}: {e}"));
+            assert_eq!(message.request(), request);
+            // One fd more than the request carries is refused.
+            if !matches!(message, FrontendMessage::Unsupported(_)) {
+                assert_eq!(
+                    fd_count_error(decode(request, &payload, fds + 1)),
+                    (fds, fds + 1),
+                    "{request}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fd_counts_follow_the_payload() {
+        let _guard = FD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let region = MemoryRegion {
+            guest_phys_addr: 0,
+            memory_size: 0x1000,
+            userspace_addr: 0x1000,
+            mmap_offset: 0,
+        };
+        let two = MemoryTable {
+            regions: vec![
+                region,
+                MemoryRegion {
+                    guest_phys_addr: 0x1000,
+                    ..region
+                },
+            ],
+        }
+        .encode();
+        assert_eq!(
+            fd_count_error(decode(Request::SetMemTable, &two, 1)),
+            (2, 1)
+        );
+        match decode(Request::SetMemTable, &two, 2).unwrap() {
+            FrontendMessage::SetMemTable { table, fds } => {
+                assert_eq!((table.regions.len(), fds.len()), (2, 2))
+            }
+            other => panic!("{other:?}"),
+        }
+        let kick = VringFdIndex {
+            index: 0,
+            no_fd: false,
+        }
+        .encode();
+        assert_eq!(
+            fd_count_error(decode(Request::SetVringKick, &kick, 0)),
+            (1, 0)
+        );
+        let polled = VringFdIndex {
+            index: 0,
+            no_fd: true,
+        }
+        .encode();
+        assert_eq!(
+            fd_count_error(decode(Request::SetVringCall, &polled, 1)),
+            (0, 1)
+        );
+        let inflight = InflightDescription {
+            mmap_size: 64,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: 1,
+        }
+        .encode();
+        assert_eq!(
+            fd_count_error(decode(Request::SetInflightFd, &inflight, 0)),
+            (1, 0)
+        );
+        assert_eq!(
+            fd_count_error(decode(Request::SetInflightFd, &inflight, 2)),
+            (1, 2)
+        );
+    }
+
+    #[test]
+    fn malformed_requests_are_typed_errors() {
+        let _guard = FD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        // Payload on a message that has none.
+        assert!(matches!(
+            decode(Request::GetFeatures, &[0; 8], 0),
+            Err(WireError::Protocol(ProtocolError::WrongSize {
+                expected: 0,
+                got: 8,
+                ..
+            }))
+        ));
+        // Wrong payload size.
+        assert!(matches!(
+            decode(Request::SetVringNum, &[0; 4], 0),
+            Err(WireError::Protocol(ProtocolError::WrongSize { .. }))
+        ));
+        assert!(matches!(
+            decode(Request::GetInflightFd, &[0; 20], 0),
+            Err(WireError::Protocol(ProtocolError::WrongSize {
+                expected: 24,
+                got: 20,
+                ..
+            }))
+        ));
+        // Enable other than 0/1, status beyond a byte.
+        assert!(decode(
+            Request::SetVringEnable,
+            &VringState { index: 0, num: 2 }.encode(),
+            0
+        )
+        .is_err());
+        assert!(decode(Request::SetStatus, &U64Payload(0x100).encode(), 0).is_err());
+        // A reply where a request belongs.
+        let mut header = Header::for_reply(Request::GetFeatures, 0);
+        assert!(FrontendMessage::decode(&header, &[], vec![]).is_err());
+        // Unknown request code.
+        header = Header {
+            request: 99,
+            flags: 1,
+            size: 0,
+        };
+        assert!(matches!(
+            FrontendMessage::decode(&header, &[], vec![eventfd()]),
+            Err(WireError::Protocol(ProtocolError::UnknownRequest(99)))
+        ));
+        // Header size disagreeing with the payload handed in.
+        header = Header::for_request(Request::SetFeatures, 8, false);
+        assert!(FrontendMessage::decode(&header, &[0; 4], vec![]).is_err());
+        // Config larger than the limit.
+        let mut cfg = ConfigSpace::request(0, 0).unwrap().encode();
+        cfg[4..8].copy_from_slice(&((MAX_CONFIG_SIZE + 1) as u32).to_le_bytes());
+        cfg.resize(12 + MAX_CONFIG_SIZE + 1, 0);
+        assert!(cfg.len() < MAX_PAYLOAD_SIZE);
+        assert!(decode(Request::GetConfig, &cfg, 0).is_err());
+    }
+}
