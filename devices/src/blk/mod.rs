@@ -1,0 +1,16 @@
+//! virtio-blk over vhost-user: the backend (server) side, serving a raw disk image.
+//!
+//! - `disk`: the image file, capacity and bounds-checked positional I/O.
+//! - `config`: the config space the guest reads (GET_CONFIG) and the offered feature bits.
+//! - `request`: one request, parsed from a descriptor chain and executed.
+//! - `memory`: guest memory mapped from the SET_MEM_TABLE fds, and address translation.
+//! - `queue_worker`: the data path of one virtqueue (kick → requests → used ring → call).
+
+pub mod config;
+pub mod disk;
+pub mod memory;
+pub mod queue_worker;
+pub mod request;
+
+#[cfg(test)]
+pub(crate) mod test_util;
