@@ -1,0 +1,358 @@
+//! The guest's command line (see the test-guest contract).
+//!
+//! Whitespace-separated tokens, any order. The first token naming a test
+//! selects it; `irq`, `blocks=`, `start=`, `seed=`, `reqs=`, `qd=`, `rw=` and
+//! `disk=` are options; `virtio_mmio.device=SIZE@ADDR:IRQ` describes a device
+//! (Linux syntax). Any other `key=value` token is ignored, the way a kernel
+//! ignores parameters meant for someone else; any other bare word is taken as
+//! the name of an unknown test.
+
+/// The most virtio-mmio devices the guest keeps track of.
+pub const MAX_DEVICES: usize = 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Test {
+    Hello,
+    Exit(u8),
+    Fault,
+    Compute,
+    BlkWriteVerify,
+    BlkBench,
+}
+
+impl Test {
+    /// The name every output line of the test starts with.
+    pub fn name(self) -> &'static str {
+        match self {
+            Test::Hello => "hello",
+            Test::Exit(_) => "exit",
+            Test::Fault => "fault",
+            Test::Compute => "compute",
+            Test::BlkWriteVerify => "blk-write-verify",
+            Test::BlkBench => "blk-bench",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadWrite {
+    RandRead,
+    RandWrite,
+}
+
+impl ReadWrite {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReadWrite::RandRead => "randread",
+            ReadWrite::RandWrite => "randwrite",
+        }
+    }
+}
+
+/// A `virtio_mmio.device=` entry: register window and interrupt line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioDevice {
+    pub base: u64,
+    pub size: u64,
+    pub gsi: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Wait for completions by interrupt instead of polling the used ring.
+    pub irq: bool,
+    pub blocks: u64,
+    pub start: u64,
+    pub seed: u64,
+    pub reqs: u64,
+    pub qd: u16,
+    pub rw: ReadWrite,
+    /// Index among the virtio-blk devices found; None: the first.
+    pub disk: Option<usize>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            irq: false,
+            blocks: 64,
+            start: 0,
+            seed: 1,
+            reqs: 10_000,
+            qd: 1,
+            rw: ReadWrite::RandRead,
+            disk: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub test: Test,
+    pub options: Options,
+    devices: [MmioDevice; MAX_DEVICES],
+    device_count: usize,
+}
+
+impl Config {
+    /// The devices in command-line order, without duplicates (QEMU's microvm
+    /// adds its own entries, which may repeat ones given by hand).
+    pub fn devices(&self) -> &[MmioDevice] {
+        &self.devices[..self.device_count]
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CmdlineError<'a> {
+    UnknownTest(&'a str),
+    BadValue { token: &'a str, why: &'static str },
+    TooManyDevices,
+}
+
+impl core::fmt::Display for CmdlineError<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            CmdlineError::UnknownTest(name) => write!(f, "unknown test {name:?}"),
+            CmdlineError::BadValue { token, why } => write!(f, "bad value in {token:?}: {why}"),
+            CmdlineError::TooManyDevices => {
+                write!(f, "more than {MAX_DEVICES} virtio_mmio.device entries")
+            }
+        }
+    }
+}
+
+/// Parse a number: decimal, or hexadecimal with a `0x` prefix.
+pub fn parse_number(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) if !hex.is_empty() => u64::from_str_radix(hex, 16).ok(),
+        Some(_) => None,
+        None if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) => None,
+        None => text.parse().ok(),
+    }
+}
+
+/// Parse a size the way Linux's memparse does for these entries: a number
+/// with an optional K, M or G suffix.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let (digits, shift) = match text.as_bytes().last()? {
+        b'k' | b'K' => (&text[..text.len() - 1], 10),
+        b'm' | b'M' => (&text[..text.len() - 1], 20),
+        b'g' | b'G' => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    parse_number(digits)?.checked_mul(1 << shift)
+}
+
+/// Parse the value of `virtio_mmio.device=`: `SIZE@ADDR:IRQ[:ID]`.
+pub fn parse_mmio_device(value: &str) -> Option<MmioDevice> {
+    let (size, rest) = value.split_once('@')?;
+    let (base, rest) = rest.split_once(':')?;
+    let gsi = rest.split_once(':').map_or(rest, |(irq, _id)| irq);
+    let device = MmioDevice {
+        size: parse_size(size)?,
+        base: parse_number(base)?,
+        gsi: u32::try_from(parse_number(gsi)?).ok()?,
+    };
+    (device.size > 0).then_some(device)
+}
+
+fn bad<'a>(token: &'a str, why: &'static str) -> CmdlineError<'a> {
+    CmdlineError::BadValue { token, why }
+}
+
+fn number_in<'a>(token: &'a str, value: &str, min: u64, max: u64) -> Result<u64, CmdlineError<'a>> {
+    let n = parse_number(value).ok_or(bad(token, "not a number"))?;
+    if n < min || n > max {
+        return Err(bad(token, "out of range"));
+    }
+    Ok(n)
+}
+
+pub fn parse(cmdline: &str) -> Result<Config, CmdlineError<'_>> {
+    let mut test = None;
+    let mut options = Options::default();
+    let mut devices = [MmioDevice {
+        base: 0,
+        size: 0,
+        gsi: 0,
+    }; MAX_DEVICES];
+    let mut device_count = 0;
+
+    for token in cmdline.split_ascii_whitespace() {
+        let named_test = match token {
+            "hello" => Some(Test::Hello),
+            "fault" => Some(Test::Fault),
+            "compute" => Some(Test::Compute),
+            "blk-write-verify" => Some(Test::BlkWriteVerify),
+            "blk-bench" => Some(Test::BlkBench),
+            _ => None,
+        };
+        if let Some(named) = named_test {
+            test.get_or_insert(named);
+            continue;
+        }
+        if token == "irq" {
+            options.irq = true;
+            continue;
+        }
+        let Some((key, value)) = token.split_once('=') else {
+            return Err(CmdlineError::UnknownTest(token));
+        };
+        match key {
+            "exit" => {
+                let status = number_in(token, value, 0, 255)? as u8;
+                test.get_or_insert(Test::Exit(status));
+            }
+            "blocks" => options.blocks = number_in(token, value, 1, u64::MAX)?,
+            "start" => options.start = number_in(token, value, 0, u64::MAX)?,
+            "seed" => options.seed = number_in(token, value, 0, u64::MAX)?,
+            "reqs" => options.reqs = number_in(token, value, 1, u64::MAX)?,
+            "qd" => options.qd = number_in(token, value, 1, u64::from(u16::MAX))? as u16,
+            "disk" => {
+                options.disk = Some(number_in(token, value, 0, MAX_DEVICES as u64 - 1)? as usize)
+            }
+            "rw" => {
+                options.rw = match value {
+                    "randread" => ReadWrite::RandRead,
+                    "randwrite" => ReadWrite::RandWrite,
+                    _ => return Err(bad(token, "expected randread or randwrite")),
+                }
+            }
+            "virtio_mmio.device" => {
+                let device =
+                    parse_mmio_device(value).ok_or(bad(token, "expected SIZE@ADDR:IRQ"))?;
+                if devices[..device_count]
+                    .iter()
+                    .any(|d| d.base == device.base)
+                {
+                    continue;
+                }
+                if device_count == MAX_DEVICES {
+                    return Err(CmdlineError::TooManyDevices);
+                }
+                devices[device_count] = device;
+                device_count += 1;
+            }
+            _ => {} // someone else's parameter
+        }
+    }
+    Ok(Config {
+        test: test.unwrap_or(Test::Hello),
+        options,
+        devices,
+        device_count,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_command_line_runs_hello_with_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config.test, Test::Hello);
+        assert_eq!(config.options, Options::default());
+        assert!(config.devices().is_empty());
+    }
+
+    #[test]
+    fn first_test_token_wins_and_options_go_anywhere() {
+        let config =
+            parse("qd=4 console=ttyS0 blk-bench compute irq rw=randwrite reqs=0x10").unwrap();
+        assert_eq!(config.test, Test::BlkBench);
+        assert!(config.options.irq);
+        assert_eq!(config.options.qd, 4);
+        assert_eq!(config.options.reqs, 16);
+        assert_eq!(config.options.rw, ReadWrite::RandWrite);
+    }
+
+    #[test]
+    fn exit_status_is_bounded() {
+        assert_eq!(parse("exit=7").unwrap().test, Test::Exit(7));
+        assert_eq!(parse("exit=255").unwrap().test, Test::Exit(255));
+        assert!(matches!(
+            parse("exit=256"),
+            Err(CmdlineError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse("exit=-1"),
+            Err(CmdlineError::BadValue { .. })
+        ));
+        assert!(matches!(parse("exit="), Err(CmdlineError::BadValue { .. })));
+    }
+
+    #[test]
+    fn unknown_bare_word_is_an_unknown_test() {
+        assert_eq!(
+            parse("hello bogus"),
+            Err(CmdlineError::UnknownTest("bogus"))
+        );
+    }
+
+    #[test]
+    fn zero_counts_are_rejected() {
+        assert!(parse("blocks=0").is_err());
+        assert!(parse("qd=0").is_err());
+        assert!(parse("reqs=0").is_err());
+        assert!(parse("qd=65536").is_err());
+        assert!(parse("rw=seqread").is_err());
+    }
+
+    #[test]
+    fn mmio_devices_in_linux_syntax() {
+        assert_eq!(
+            parse_mmio_device("512@0xfeb00e00:12"),
+            Some(MmioDevice {
+                base: 0xfeb0_0e00,
+                size: 512,
+                gsi: 12
+            })
+        );
+        assert_eq!(
+            parse_mmio_device("4K@0xd0000000:5:3"),
+            Some(MmioDevice {
+                base: 0xd000_0000,
+                size: 4096,
+                gsi: 5
+            })
+        );
+        assert_eq!(
+            parse_mmio_device("0x1000@0x1000:1").map(|d| d.size),
+            Some(4096)
+        );
+        assert_eq!(parse_mmio_device("512@0xfeb00e00"), None);
+        assert_eq!(parse_mmio_device("@0x1000:1"), None);
+        assert_eq!(parse_mmio_device("0@0x1000:1"), None);
+        assert_eq!(parse_mmio_device("99999999999G@0x1000:1"), None);
+        assert_eq!(parse_mmio_device("512@0x1000:4294967296"), None);
+    }
+
+    #[test]
+    fn duplicate_devices_are_dropped_and_order_kept() {
+        let config = parse(
+            "virtio_mmio.device=512@0xfeb00e00:12 virtio_mmio.device=512@0xfeb00c00:11 \
+             virtio_mmio.device=512@0xfeb00e00:12",
+        )
+        .unwrap();
+        let bases: Vec<u64> = config.devices().iter().map(|d| d.base).collect();
+        assert_eq!(bases, vec![0xfeb0_0e00, 0xfeb0_0c00]);
+    }
+
+    #[test]
+    fn too_many_devices_is_an_error() {
+        let line: String = (0..=MAX_DEVICES)
+            .map(|i| format!("virtio_mmio.device=512@{:#x}:5 ", 0x1000 * (i + 1)))
+            .collect();
+        assert_eq!(parse(&line), Err(CmdlineError::TooManyDevices));
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(parse_number("0"), Some(0));
+        assert_eq!(parse_number("0x1f"), Some(31));
+        assert_eq!(parse_number("0x"), None);
+        assert_eq!(parse_number("+5"), None);
+        assert_eq!(parse_number("18446744073709551616"), None);
+    }
+}
