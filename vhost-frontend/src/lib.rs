@@ -6,7 +6,9 @@
 //! addresses and two eventfds per queue; from then on the backend reads the rings itself and the
 //! frontend only sees control-path messages.
 
+pub mod connection;
 pub mod features;
+pub mod trace;
 pub mod wire;
 
 #[cfg(test)]

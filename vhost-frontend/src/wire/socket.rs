@@ -216,6 +216,16 @@ fn send_some(stream: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> Result<usize, 
     }
 }
 
+/// Sends arbitrary bytes with fds attached, bypassing every check: tests use it to play a hostile peer.
+#[cfg(test)]
+pub(crate) fn send_raw_for_tests(stream: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
+    let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let mut sent = send_some(stream, bytes, &raw).expect("raw send");
+    while sent < bytes.len() {
+        sent += send_some(stream, &bytes[sent..], &[]).expect("raw send");
+    }
+}
+
 /// Sorts socket errors into "peer went away", "timed out" and everything else.
 fn map_io_error(err: io::Error) -> WireError {
     match err.raw_os_error() {

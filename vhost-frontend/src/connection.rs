@@ -1,0 +1,693 @@
+//! The frontend side of a vhost-user connection: the requests a VMM sends, and strict checking of
+//! every reply.
+//!
+//! [`VhostUserFrontend`] is the interface device code talks to, so it can be unit-tested against a
+//! fake; [`Frontend`] implements it over a `UnixStream`. A reply is accepted only if its request code
+//! matches, the REPLY flag is set, the size is exactly right and exactly the expected fds came with
+//! it (extra fds are closed and are an error). After anything goes wrong mid-exchange the byte stream
+//! can no longer be trusted, so the connection refuses further use: the owner drops it and, for a
+//! backend that went away, reconnects.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::features::{
+    bit_mask, has, PROTOCOL_MQ, PROTOCOL_REPLY_ACK, VHOST_USER_F_PROTOCOL_FEATURES,
+    VIRTIO_F_VERSION_1,
+};
+use crate::trace::{describe_message, Direction};
+use crate::wire::{
+    recv_message, send_message, ConfigSpace, Header, InflightDescription, MemoryRegion,
+    MemoryTable, Request, U64Payload, VringAddr, VringFdIndex, VringState, WireError,
+    MAX_CONFIG_SIZE, MAX_MEMORY_REGIONS,
+};
+
+/// Largest ring a virtio split or packed queue may have.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// What went wrong talking to the backend. Every variant names the vhost-user message involved.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    /// EOF, ECONNRESET or EPIPE: the backend process is gone. A reconnect may cure this.
+    #[error("vhost-user backend went away during {during}")]
+    PeerGone { during: &'static str },
+    /// The backend broke the protocol (bad reply). The connection is closed by us.
+    #[error("vhost-user backend broke the protocol in {message}: {detail}")]
+    Protocol {
+        message: &'static str,
+        detail: String,
+    },
+    /// A socket error that is neither of the above.
+    #[error("vhost-user socket error during {0}: {1}")]
+    Io(&'static str, #[source] io::Error),
+    /// The backend lacks a feature this frontend cannot work without.
+    #[error("vhost-user backend does not offer {feature}")]
+    MissingFeature { feature: &'static str },
+    /// No reply arrived within the reply timeout.
+    #[error("vhost-user backend did not answer {during} in time")]
+    TimedOut { during: &'static str },
+    /// The backend understood the request and refused it (REPLY_ACK status not 0).
+    #[error("vhost-user backend refused {message} (status {status})")]
+    BackendFailed { message: &'static str, status: u64 },
+    /// The caller asked for something the protocol cannot express; nothing was sent.
+    #[error("invalid {message} request: {detail}")]
+    InvalidRequest {
+        message: &'static str,
+        detail: String,
+    },
+    /// Connecting to the backend's socket failed.
+    #[error("cannot connect to vhost-user socket {path}: {source}")]
+    Connect { path: PathBuf, source: io::Error },
+}
+
+impl FrontendError {
+    /// True when the backend went away (as opposed to misbehaving): the case reconnect handles.
+    pub fn is_peer_gone(&self) -> bool {
+        matches!(self, FrontendError::PeerGone { .. })
+    }
+
+    fn from_wire(message: &'static str, err: WireError) -> FrontendError {
+        match err {
+            WireError::PeerGone(_) => FrontendError::PeerGone { during: message },
+            WireError::Protocol(e) => FrontendError::Protocol {
+                message,
+                detail: e.to_string(),
+            },
+            WireError::TimedOut => FrontendError::TimedOut { during: message },
+            WireError::InvalidSend(detail) => FrontendError::InvalidRequest { message, detail },
+            WireError::Io(e) => FrontendError::Io(message, e),
+        }
+    }
+
+    fn protocol(message: &'static str, detail: impl Into<String>) -> FrontendError {
+        FrontendError::Protocol {
+            message,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// A memory region for SET_MEM_TABLE together with the fd that backs it (a memfd of guest RAM).
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryRegionFd<'a> {
+    pub region: MemoryRegion,
+    pub fd: BorrowedFd<'a>,
+}
+
+/// The backend's inflight buffer from GET_INFLIGHT_FD: map `fd` at `description.mmap_offset` for
+/// `description.mmap_size` bytes. Keep it across reconnects and hand it back with SET_INFLIGHT_FD.
+#[derive(Debug)]
+pub struct InflightBuffer {
+    pub description: InflightDescription,
+    pub fd: OwnedFd,
+}
+
+/// What the standard handshake ([`VhostUserFrontend::negotiate`]) agreed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Everything GET_FEATURES offered.
+    pub backend_features: u64,
+    /// Offered AND wanted, always including VERSION_1 and PROTOCOL_FEATURES. The guest may be
+    /// offered these minus PROTOCOL_FEATURES (a vhost-user bit, not a virtio one); SET_FEATURES to the
+    /// backend later carries the driver's choice plus PROTOCOL_FEATURES.
+    pub virtio_features: u64,
+    /// The protocol features sent in SET_PROTOCOL_FEATURES (offered AND wanted).
+    pub protocol_features: u64,
+    /// GET_QUEUE_NUM's answer when MQ was agreed (unchecked: the device bounds it by its own limit).
+    pub queue_num: Option<u64>,
+}
+
+/// The requests a vhost-user frontend sends. Every `set_*` waits for the backend's ack when REPLY_ACK
+/// was negotiated, so an error is reported on the message that caused it.
+pub trait VhostUserFrontend {
+    /// SET_OWNER: this connection now owns the backend's device (sent once, at start).
+    fn set_owner(&mut self) -> Result<(), FrontendError>;
+    /// GET_FEATURES: virtio feature bits the backend offers (plus PROTOCOL_FEATURES).
+    fn get_features(&mut self) -> Result<u64, FrontendError>;
+    /// SET_FEATURES: the bits the driver accepted, plus PROTOCOL_FEATURES if negotiated.
+    fn set_features(&mut self, features: u64) -> Result<(), FrontendError>;
+    /// GET_PROTOCOL_FEATURES.
+    fn get_protocol_features(&mut self) -> Result<u64, FrontendError>;
+    /// SET_PROTOCOL_FEATURES: must be a subset of what the backend offered.
+    fn set_protocol_features(&mut self, features: u64) -> Result<(), FrontendError>;
+    /// GET_QUEUE_NUM (needs MQ): how many queues the backend supports.
+    fn get_queue_num(&mut self) -> Result<u64, FrontendError>;
+    /// GET_MAX_MEM_SLOTS (needs CONFIGURE_MEM_SLOTS).
+    fn get_max_mem_slots(&mut self) -> Result<u64, FrontendError>;
+    /// GET_CONFIG (needs CONFIG): `size` bytes of device config space at `offset`; the reply must
+    /// echo offset and size.
+    fn get_config(&mut self, offset: u32, size: u32) -> Result<Vec<u8>, FrontendError>;
+    /// SET_CONFIG (needs CONFIG): a driver write to device config space.
+    fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), FrontendError>;
+    /// SET_MEM_TABLE: the whole guest memory layout, one fd per region (at most 8).
+    fn set_mem_table(&mut self, regions: &[MemoryRegionFd<'_>]) -> Result<(), FrontendError>;
+    /// SET_VRING_NUM: ring size of queue `index`.
+    fn set_vring_num(&mut self, index: u32, num: u32) -> Result<(), FrontendError>;
+    /// SET_VRING_ADDR: ring addresses of a queue, in the frontend's address space.
+    fn set_vring_addr(&mut self, addr: &VringAddr) -> Result<(), FrontendError>;
+    /// SET_VRING_BASE: where the backend resumes reading the available ring.
+    fn set_vring_base(&mut self, index: u32, base: u32) -> Result<(), FrontendError>;
+    /// GET_VRING_BASE: stops the queue and returns where the backend stopped.
+    fn get_vring_base(&mut self, index: u32) -> Result<u32, FrontendError>;
+    /// SET_VRING_KICK: the eventfd the guest's notifications arrive on (KVM ioeventfd).
+    fn set_vring_kick(&mut self, index: u32, fd: BorrowedFd<'_>) -> Result<(), FrontendError>;
+    /// SET_VRING_CALL: the eventfd the backend signals to interrupt the guest (KVM irqfd).
+    fn set_vring_call(&mut self, index: u32, fd: BorrowedFd<'_>) -> Result<(), FrontendError>;
+    /// SET_VRING_ENABLE: with PROTOCOL_FEATURES rings start disabled until enabled here.
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<(), FrontendError>;
+    /// GET_INFLIGHT_FD (needs INFLIGHT_SHMFD): asks the backend for an inflight buffer sized for
+    /// `num_queues` queues of `queue_size`. `None` when the backend replies mmap_size 0 ("keeps no
+    /// inflight buffer", as QEMU reads it).
+    fn get_inflight_fd(
+        &mut self,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<Option<InflightBuffer>, FrontendError>;
+    /// SET_INFLIGHT_FD (needs INFLIGHT_SHMFD): hands the (kept) inflight buffer to the backend.
+    fn set_inflight_fd(
+        &mut self,
+        description: &InflightDescription,
+        fd: BorrowedFd<'_>,
+    ) -> Result<(), FrontendError>;
+
+    /// The standard handshake: GET_FEATURES (VERSION_1 and PROTOCOL_FEATURES required),
+    /// GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES with offered AND wanted, SET_OWNER, and
+    /// GET_QUEUE_NUM if MQ was agreed. SET_FEATURES is left to device start (it carries the guest
+    /// driver's choice).
+    fn negotiate(
+        &mut self,
+        wanted_virtio_features: u64,
+        wanted_protocol_features: u64,
+    ) -> Result<Negotiated, FrontendError> {
+        let backend_features = self.get_features()?;
+        if !has(backend_features, VIRTIO_F_VERSION_1) {
+            return Err(FrontendError::MissingFeature {
+                feature: "VIRTIO_F_VERSION_1",
+            });
+        }
+        if !has(backend_features, VHOST_USER_F_PROTOCOL_FEATURES) {
+            return Err(FrontendError::MissingFeature {
+                feature: "VHOST_USER_F_PROTOCOL_FEATURES",
+            });
+        }
+        let required = bit_mask(VIRTIO_F_VERSION_1) | bit_mask(VHOST_USER_F_PROTOCOL_FEATURES);
+        let virtio_features = backend_features & (wanted_virtio_features | required);
+
+        let offered_protocol = self.get_protocol_features()?;
+        // Never set a bit the backend did not offer: DPDK closes the connection if we do.
+        let protocol_features = offered_protocol & wanted_protocol_features;
+        self.set_protocol_features(protocol_features)?;
+        self.set_owner()?;
+        let queue_num = if has(protocol_features, PROTOCOL_MQ) {
+            Some(self.get_queue_num()?)
+        } else {
+            None
+        };
+        Ok(Negotiated {
+            backend_features,
+            virtio_features,
+            protocol_features,
+            queue_num,
+        })
+    }
+}
+
+/// Upper bound for an inflight buffer of `num_queues` queues of `queue_size` entries: the larger
+/// (packed) layout, 32-byte header plus 32 bytes per entry, rounded up to 64 bytes per queue.
+/// Checked arithmetic; `None` only if it overflows u64 (it cannot for u16 inputs, but the bound must
+/// not rely on that).
+pub fn max_inflight_mmap_size(num_queues: u16, queue_size: u16) -> Option<u64> {
+    let per_queue = u64::from(queue_size)
+        .checked_mul(32)?
+        .checked_add(32)?
+        .checked_next_multiple_of(64)?;
+    per_queue.checked_mul(u64::from(num_queues))
+}
+
+/// Why a connection refuses further use.
+#[derive(Debug, Clone)]
+enum Broken {
+    Gone,
+    Failed(String),
+}
+
+/// A vhost-user connection to one backend.
+#[derive(Debug)]
+pub struct Frontend {
+    stream: UnixStream,
+    name: String,
+    trace: bool,
+    protocol_features: u64,
+    broken: Option<Broken>,
+}
+
+impl Frontend {
+    /// Connects to a backend listening on `path`; the connection is named after the path in traces.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Frontend, FrontendError> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path).map_err(|source| FrontendError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Frontend::from_stream(stream, path.display().to_string()))
+    }
+
+    /// Wraps an already connected stream (one end of a socketpair for the in-process backend).
+    pub fn from_stream(stream: UnixStream, name: impl Into<String>) -> Frontend {
+        Frontend {
+            stream,
+            name: name.into(),
+            trace: false,
+            protocol_features: 0,
+            broken: None,
+        }
+    }
+
+    /// Prints one decoded line per message on stderr (`--trace-vhost`).
+    pub fn set_trace(&mut self, on: bool) {
+        self.trace = on;
+    }
+
+    /// Bounds how long a reply may take (`None`: wait forever). A backend that stops answering
+    /// then gives `TimedOut` instead of hanging the VMM.
+    pub fn set_reply_timeout(&mut self, timeout: Option<Duration>) -> Result<(), FrontendError> {
+        self.stream
+            .set_read_timeout(timeout)
+            .map_err(|e| FrontendError::Io("set_reply_timeout", e))
+    }
+
+    /// The connection's name (socket path, or what `from_stream` was given).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The protocol features agreed with SET_PROTOCOL_FEATURES (0 before).
+    pub fn protocol_features(&self) -> u64 {
+        self.protocol_features
+    }
+
+    /// False once an error made the connection unusable.
+    pub fn is_usable(&self) -> bool {
+        self.broken.is_none()
+    }
+
+    fn reply_ack_negotiated(&self) -> bool {
+        has(self.protocol_features, PROTOCOL_REPLY_ACK)
+    }
+
+    fn check_usable(&self, message: &'static str) -> Result<(), FrontendError> {
+        match &self.broken {
+            None => Ok(()),
+            Some(Broken::Gone) => Err(FrontendError::PeerGone { during: message }),
+            Some(Broken::Failed(why)) => Err(FrontendError::protocol(
+                message,
+                format!("connection unusable after an earlier error: {why}"),
+            )),
+        }
+    }
+
+    /// Records that the connection is no longer usable. On anything but "peer gone" we also shut the
+    /// socket down so the backend sees the end of the conversation.
+    fn poison(&mut self, err: &FrontendError) {
+        let broken = match err {
+            FrontendError::PeerGone { .. } => Broken::Gone,
+            // The request was refused whole, or never sent: the stream is still in step.
+            FrontendError::BackendFailed { .. } | FrontendError::InvalidRequest { .. } => return,
+            other => Broken::Failed(other.to_string()),
+        };
+        if matches!(broken, Broken::Failed(_)) {
+            let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        }
+        self.broken = Some(broken);
+    }
+
+    fn send(
+        &mut self,
+        request: Request,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+        need_reply: bool,
+    ) -> Result<(), FrontendError> {
+        let header = Header::for_request(request, payload.len(), need_reply);
+        self.emit_trace(Direction::ToBackend, &header, payload, fds.len());
+        send_message(&self.stream, &header, payload, fds)
+            .map_err(|e| FrontendError::from_wire(request.name(), e))
+    }
+
+    /// Receives the reply to `request`: right code, REPLY flag, exactly `expected_fds` fds.
+    fn recv_reply(
+        &mut self,
+        request: Request,
+        expected_fds: usize,
+    ) -> Result<(Vec<u8>, Vec<OwnedFd>), FrontendError> {
+        let name = request.name();
+        let (header, payload, fds) =
+            recv_message(&self.stream).map_err(|e| FrontendError::from_wire(name, e))?;
+        self.emit_trace(Direction::FromBackend, &header, &payload, fds.len());
+        if header.request != request.code() {
+            let got = Request::from_code(header.request)
+                .map(Request::name)
+                .unwrap_or("an unknown request");
+            return Err(FrontendError::protocol(
+                name,
+                format!("reply carries request code {} ({got})", header.request),
+            ));
+        }
+        if !header.is_reply() {
+            return Err(FrontendError::protocol(
+                name,
+                format!("REPLY flag missing (flags {:#x})", header.flags),
+            ));
+        }
+        if fds.len() != expected_fds {
+            // Returning drops `fds`: every fd that came is closed.
+            return Err(FrontendError::protocol(
+                name,
+                format!(
+                    "{} fds attached to the reply, expected {expected_fds}",
+                    fds.len()
+                ),
+            ));
+        }
+        Ok((payload, fds))
+    }
+
+    /// A request with a reply of its own (the GET_* family); callers run it inside `guard`.
+    fn request_reply(
+        &mut self,
+        request: Request,
+        payload: &[u8],
+        expected_fds: usize,
+    ) -> Result<(Vec<u8>, Vec<OwnedFd>), FrontendError> {
+        self.send(request, payload, &[], false)?;
+        self.recv_reply(request, expected_fds)
+    }
+
+    /// A request without a reply of its own; with REPLY_ACK we ask for and check the ack.
+    fn request_ack(
+        &mut self,
+        request: Request,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), FrontendError> {
+        let need_reply = self.reply_ack_negotiated();
+        self.guard(request.name(), |this| {
+            this.send(request, payload, fds, need_reply)?;
+            if need_reply {
+                let (ack, _) = this.recv_reply(request, 0)?;
+                let status = decode(request.name(), U64Payload::decode(&ack))?.0;
+                if status != 0 {
+                    return Err(FrontendError::BackendFailed {
+                        message: request.name(),
+                        status,
+                    });
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs one exchange: refuses if the connection is already broken, poisons it on failure.
+    fn guard<T>(
+        &mut self,
+        message: &'static str,
+        exchange: impl FnOnce(&mut Self) -> Result<T, FrontendError>,
+    ) -> Result<T, FrontendError> {
+        self.check_usable(message)?;
+        let result = exchange(self);
+        if let Err(err) = &result {
+            self.poison(err);
+        }
+        result
+    }
+
+    fn emit_trace(&self, direction: Direction, header: &Header, payload: &[u8], fds: usize) {
+        if self.trace {
+            eprintln!(
+                "{}",
+                describe_message(direction, &self.name, header, payload, fds)
+            );
+        } else {
+            tracing::trace!(target: "vhost", "{}", describe_message(direction, &self.name, header, payload, fds));
+        }
+    }
+
+    fn get_u64(&mut self, request: Request) -> Result<u64, FrontendError> {
+        let name = request.name();
+        self.guard(name, |this| {
+            let (payload, _) = this.request_reply(request, &[], 0)?;
+            Ok(decode(name, U64Payload::decode(&payload))?.0)
+        })
+    }
+}
+
+/// Maps a payload decode error to a protocol error naming the message.
+fn decode<T>(message: &'static str, result: Result<T, WireError>) -> Result<T, FrontendError> {
+    result.map_err(|e| FrontendError::from_wire(message, e))
+}
+
+fn invalid(message: &'static str, detail: impl Into<String>) -> FrontendError {
+    FrontendError::InvalidRequest {
+        message,
+        detail: detail.into(),
+    }
+}
+
+impl VhostUserFrontend for Frontend {
+    fn set_owner(&mut self) -> Result<(), FrontendError> {
+        self.request_ack(Request::SetOwner, &[], &[])
+    }
+
+    fn get_features(&mut self) -> Result<u64, FrontendError> {
+        self.get_u64(Request::GetFeatures)
+    }
+
+    fn set_features(&mut self, features: u64) -> Result<(), FrontendError> {
+        self.request_ack(Request::SetFeatures, &U64Payload(features).encode(), &[])
+    }
+
+    fn get_protocol_features(&mut self) -> Result<u64, FrontendError> {
+        self.get_u64(Request::GetProtocolFeatures)
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> Result<(), FrontendError> {
+        // REPLY_ACK takes effect for the messages *after* this one, so it is sent with the old set.
+        self.request_ack(
+            Request::SetProtocolFeatures,
+            &U64Payload(features).encode(),
+            &[],
+        )?;
+        self.protocol_features = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> Result<u64, FrontendError> {
+        self.get_u64(Request::GetQueueNum)
+    }
+
+    fn get_max_mem_slots(&mut self) -> Result<u64, FrontendError> {
+        self.get_u64(Request::GetMaxMemSlots)
+    }
+
+    fn get_config(&mut self, offset: u32, size: u32) -> Result<Vec<u8>, FrontendError> {
+        let name = Request::GetConfig.name();
+        let request =
+            ConfigSpace::request(offset, size).map_err(|e| FrontendError::from_wire(name, e))?;
+        self.guard(name, |this| {
+            let (payload, _) = this.request_reply(Request::GetConfig, &request.encode(), 0)?;
+            let reply = decode(name, ConfigSpace::decode(&payload))?;
+            if reply.offset != offset || reply.size() != size {
+                return Err(FrontendError::protocol(
+                    name,
+                    format!(
+                        "reply is for offset {:#x} size {}, asked for offset {offset:#x} size {size}",
+                        reply.offset,
+                        reply.size()
+                    ),
+                ));
+            }
+            Ok(reply.payload)
+        })
+    }
+
+    fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), FrontendError> {
+        let name = Request::SetConfig.name();
+        if data.len() > MAX_CONFIG_SIZE {
+            return Err(invalid(
+                name,
+                format!("{} bytes exceed {MAX_CONFIG_SIZE}", data.len()),
+            ));
+        }
+        let config = ConfigSpace {
+            offset,
+            flags: ConfigSpace::FLAG_WRITABLE,
+            payload: data.to_vec(),
+        };
+        self.request_ack(Request::SetConfig, &config.encode(), &[])
+    }
+
+    fn set_mem_table(&mut self, regions: &[MemoryRegionFd<'_>]) -> Result<(), FrontendError> {
+        let name = Request::SetMemTable.name();
+        if regions.len() > MAX_MEMORY_REGIONS {
+            return Err(invalid(
+                name,
+                format!("{} regions, at most {MAX_MEMORY_REGIONS}", regions.len()),
+            ));
+        }
+        let table = MemoryTable {
+            regions: regions.iter().map(|r| r.region).collect(),
+        };
+        for region in &table.regions {
+            region
+                .validate()
+                .map_err(|e| invalid(name, e.to_string()))?;
+        }
+        let fds: Vec<BorrowedFd<'_>> = regions.iter().map(|r| r.fd).collect();
+        self.request_ack(Request::SetMemTable, &table.encode(), &fds)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> Result<(), FrontendError> {
+        self.request_ack(
+            Request::SetVringNum,
+            &VringState { index, num }.encode(),
+            &[],
+        )
+    }
+
+    fn set_vring_addr(&mut self, addr: &VringAddr) -> Result<(), FrontendError> {
+        self.request_ack(Request::SetVringAddr, &addr.encode(), &[])
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> Result<(), FrontendError> {
+        self.request_ack(
+            Request::SetVringBase,
+            &VringState { index, num: base }.encode(),
+            &[],
+        )
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> Result<u32, FrontendError> {
+        let name = Request::GetVringBase.name();
+        self.guard(name, |this| {
+            let (payload, _) = this.request_reply(
+                Request::GetVringBase,
+                &VringState { index, num: 0 }.encode(),
+                0,
+            )?;
+            let state = decode(name, VringState::decode(&payload))?;
+            if state.index != index {
+                return Err(FrontendError::protocol(
+                    name,
+                    format!("reply is for queue {}, asked for {index}", state.index),
+                ));
+            }
+            Ok(state.num)
+        })
+    }
+
+    fn set_vring_kick(&mut self, index: u32, fd: BorrowedFd<'_>) -> Result<(), FrontendError> {
+        let name = Request::SetVringKick.name();
+        let which =
+            VringFdIndex::new(index, false).map_err(|e| FrontendError::from_wire(name, e))?;
+        self.request_ack(Request::SetVringKick, &which.encode(), &[fd.as_fd()])
+    }
+
+    fn set_vring_call(&mut self, index: u32, fd: BorrowedFd<'_>) -> Result<(), FrontendError> {
+        let name = Request::SetVringCall.name();
+        let which =
+            VringFdIndex::new(index, false).map_err(|e| FrontendError::from_wire(name, e))?;
+        self.request_ack(Request::SetVringCall, &which.encode(), &[fd.as_fd()])
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<(), FrontendError> {
+        self.request_ack(
+            Request::SetVringEnable,
+            &VringState {
+                index,
+                num: u32::from(enable),
+            }
+            .encode(),
+            &[],
+        )
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<Option<InflightBuffer>, FrontendError> {
+        let name = Request::GetInflightFd.name();
+        if num_queues == 0 || queue_size == 0 || queue_size > MAX_QUEUE_SIZE {
+            return Err(invalid(
+                name,
+                format!("{num_queues} queues of {queue_size} entries (need >= 1 queue, 1..={MAX_QUEUE_SIZE} entries)"),
+            ));
+        }
+        let bound = max_inflight_mmap_size(num_queues, queue_size)
+            .ok_or_else(|| invalid(name, "inflight size bound overflows"))?;
+        let request = InflightDescription {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues,
+            queue_size,
+        };
+        self.guard(name, |this| {
+            this.send(Request::GetInflightFd, &request.encode(), &[], false)?;
+            // Not `recv_reply(.., 1)`: a reply with mmap_size 0 may come without an fd.
+            let (header, payload, mut fds) =
+                recv_message(&this.stream).map_err(|e| FrontendError::from_wire(name, e))?;
+            this.emit_trace(Direction::FromBackend, &header, &payload, fds.len());
+            if header.request != Request::GetInflightFd.code() || !header.is_reply() {
+                return Err(FrontendError::protocol(
+                    name,
+                    format!("expected the GET_INFLIGHT_FD reply, got request code {} flags {:#x}", header.request, header.flags),
+                ));
+            }
+            let reply = decode(name, InflightDescription::decode(&payload))?;
+            if reply.mmap_size == 0 {
+                // "Backend keeps no inflight buffer". An fd sent along is closed here (dropped);
+                // more than one is still an error.
+                if fds.len() > 1 {
+                    return Err(FrontendError::protocol(name, format!("{} fds with an empty buffer", fds.len())));
+                }
+                return Ok(None);
+            }
+            if fds.len() != 1 {
+                return Err(FrontendError::protocol(name, format!("{} fds attached to the reply, expected 1", fds.len())));
+            }
+            if reply.mmap_size > bound {
+                return Err(FrontendError::protocol(
+                    name,
+                    format!(
+                        "mmap_size {} exceeds {bound}, the most {num_queues} queues of {queue_size} entries can need",
+                        reply.mmap_size
+                    ),
+                ));
+            }
+            if reply.mmap_offset.checked_add(reply.mmap_size).is_none() {
+                return Err(FrontendError::protocol(
+                    name,
+                    format!("mmap_offset {:#x} + mmap_size {} overflows", reply.mmap_offset, reply.mmap_size),
+                ));
+            }
+            let fd = fds.pop().ok_or_else(|| FrontendError::protocol(name, "fd vanished"))?;
+            let description = InflightDescription { num_queues, queue_size, ..reply };
+            Ok(Some(InflightBuffer { description, fd }))
+        })
+    }
+
+    fn set_inflight_fd(
+        &mut self,
+        description: &InflightDescription,
+        fd: BorrowedFd<'_>,
+    ) -> Result<(), FrontendError> {
+        self.request_ack(Request::SetInflightFd, &description.encode(), &[fd])
+    }
+}
+
+#[cfg(test)]
+#[path = "connection_tests.rs"]
+mod tests;
