@@ -6,12 +6,30 @@
 //! - [`device`]: the [`VirtioDevice`] trait a device implements for the transport.
 //! - [`transport`]: [`MmioTransport`], the register file and the status state machine.
 //! - `interrupt`: how InterruptStatus stays right while the backend raises interrupts itself.
+//! - [`vhost_user_dev`]: [`VhostUserDevice`], a device whose queues a vhost-user backend serves.
 
 pub mod device;
 mod interrupt;
 pub mod registers;
 pub mod transport;
+pub mod vhost_user_dev;
 
 pub use device::{DeviceError, QueueConfig, VirtioDevice, MAX_QUEUE_SIZE};
 pub use registers::{MMIO_WINDOW_SIZE, QUEUE_NOTIFY};
 pub use transport::{MmioTransport, TransportError, VIRTIO_F_VERSION_1};
+pub use vhost_user_dev::{
+    BackendState, DeviceKind, GuestRegion, MemoryTable, MemoryTableError, VhostUserDevice,
+    VhostUserDeviceError, VhostUserDeviceOptions,
+};
+
+/// "error: cause: cause" on one line, for logs.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

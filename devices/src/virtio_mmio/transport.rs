@@ -11,6 +11,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::{QueueConfig, VirtioDevice, MAX_QUEUE_SIZE};
+use super::error_chain;
 use super::interrupt::InterruptStatus;
 use super::registers::{self as reg, status};
 
@@ -324,8 +325,20 @@ impl MmioTransport {
             );
             return;
         };
-        // The driver sets a queue up once, before DRIVER_OK, and must not change a ready one.
-        if self.status & status::DRIVER_OK != 0 || self.queues[index].ready {
+        if self.status & status::DRIVER_OK != 0 {
+            warn!(
+                queue = index,
+                register = reg::register_name(offset),
+                "virtio-mmio: queue register written after DRIVER_OK; ignored"
+            );
+            return;
+        }
+        if offset == reg::QUEUE_READY {
+            self.write_queue_ready(index, value);
+            return;
+        }
+        // The driver sets a queue up, then makes it ready; a ready queue's setup is fixed.
+        if self.queues[index].ready {
             warn!(
                 queue = index,
                 register = reg::register_name(offset),
@@ -345,14 +358,14 @@ impl MmioTransport {
             reg::QUEUE_DRIVER_HIGH => set_half(&mut queue.avail_ring, value, true),
             reg::QUEUE_DEVICE_LOW => set_half(&mut queue.used_ring, value, false),
             reg::QUEUE_DEVICE_HIGH => set_half(&mut queue.used_ring, value, true),
-            reg::QUEUE_READY => self.write_queue_ready(index, value),
             _ => {}
         }
     }
 
     fn write_queue_ready(&mut self, index: usize, value: u32) {
         if value == 0 {
-            // Not ready, and it was not ready (a ready queue is refused above): nothing to do.
+            // Linux's del_vqs does this; before DRIVER_OK no device uses the queue yet.
+            self.queues[index].ready = false;
             return;
         }
         let config = self.queues[index].config(index as u16);
@@ -465,7 +478,11 @@ impl MmioTransport {
         }
         self.status = new;
         if added & status::DRIVER_OK != 0 && new & status::DRIVER_OK != 0 {
-            self.activate();
+            if new & status::DEVICE_NEEDS_RESET != 0 {
+                warn!("virtio-mmio: DRIVER_OK on a device that needs reset; not activated");
+            } else {
+                self.activate();
+            }
         }
         if added & status::FAILED != 0 {
             warn!(
@@ -549,18 +566,6 @@ impl MmioTransport {
             "virtio-mmio: device reset"
         );
     }
-}
-
-/// "error: cause: cause" on one line, for logs.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

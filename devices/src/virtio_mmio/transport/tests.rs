@@ -292,6 +292,43 @@ fn bad_queues_are_refused() {
 }
 
 #[test]
+fn a_queue_can_be_unreadied_before_driver_ok_only() {
+    let (mut t, _) = transport();
+    negotiate(&mut t, OFFERED);
+    setup_queue(&mut t, 0, 128);
+    write32(&mut t, reg::QUEUE_READY, 0);
+    assert_eq!(read32(&mut t, reg::QUEUE_READY), 0);
+    write32(&mut t, reg::QUEUE_NUM, 64);
+    assert_eq!(t.queues[0].size, 64, "not ready: setup may change again");
+    write32(&mut t, reg::QUEUE_READY, 1);
+    add_status(&mut t, status::DRIVER_OK);
+    write32(&mut t, reg::QUEUE_READY, 0);
+    assert_eq!(
+        read32(&mut t, reg::QUEUE_READY),
+        1,
+        "live queue stays ready"
+    );
+}
+
+#[test]
+fn driver_ok_after_a_refused_queue_does_not_activate() {
+    let (mut t, record) = transport();
+    negotiate(&mut t, OFFERED);
+    setup_queue(&mut t, 0, 100); // not a power of two: refused
+    assert_ne!(t.status() & status::DEVICE_NEEDS_RESET, 0);
+    add_status(&mut t, status::DRIVER_OK);
+    assert!(record.lock().unwrap().activations.is_empty());
+    write32(&mut t, reg::STATUS, 0);
+    assert_eq!(record.lock().unwrap().resets, 0, "never activated");
+    bring_up(&mut t);
+    assert_eq!(
+        record.lock().unwrap().activations.len(),
+        1,
+        "a reset clears the error"
+    );
+}
+
+#[test]
 fn live_queue_registers_cannot_change() {
     let (mut t, record) = transport();
     bring_up(&mut t);
