@@ -11,5 +11,11 @@ pub mod features;
 pub mod trace;
 pub mod wire;
 
+pub use connection::{
+    max_inflight_mmap_size, Frontend, FrontendError, InflightBuffer, MemoryRegionFd, Negotiated,
+    VhostUserFrontend,
+};
+pub use wire::{PeerGone, ProtocolError, Request, WireError};
+
 #[cfg(test)]
 mod test_support;
