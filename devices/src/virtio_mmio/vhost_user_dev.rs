@@ -94,10 +94,11 @@ pub struct VhostUserDeviceOptions {
 pub enum BackendState {
     /// Handshake done; queues not started (fresh device).
     Negotiated,
-    /// DRIVER_OK happened: the backend serves these queues.
+    /// DRIVER_OK happened: the backend serves these queues. Kept in full because a backend
+    /// that comes back must be told all of it again.
     Running {
         acked_features: u64,
-        started_queues: Vec<u16>,
+        queues: Vec<StartedQueue>,
     },
     /// The driver reset the device; the backend stopped the queues at these ring positions
     /// (`(queue, base)` from GET_VRING_BASE). The next start is fresh.
@@ -106,6 +107,15 @@ pub enum BackendState {
     Disconnected { during: &'static str },
     /// The backend broke the protocol during `during`; we no longer talk to it.
     Broken { during: &'static str },
+}
+
+/// A queue the backend was told to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartedQueue {
+    pub index: u16,
+    pub size: u16,
+    /// As sent in SET_VRING_ADDR (VMM virtual addresses).
+    pub addr: VringAddr,
 }
 
 /// Why the device could not do what was asked.
@@ -382,25 +392,29 @@ impl VhostUserDevice {
         }
         drop(regions);
 
-        let mut started_queues = Vec::new();
+        let mut started = Vec::new();
         for (queue, addr) in to_start {
             let kick = borrow_eventfd(&queue_kicks[usize::from(queue.index)]);
-            let started = start_queue(
+            let result = start_queue(
                 self.frontend.as_mut(),
                 &queue,
                 &addr,
                 kick,
                 borrow_eventfd(call_fd),
             );
-            if let Err((during, err)) = started {
+            if let Err((during, err)) = result {
                 let err = self.failed(during, err);
                 if matches!(err, VhostUserDeviceError::BackendRefused { .. }) {
                     // Like QEMU: stop what already runs (this queue may be half set up), so
                     // the backend holds no live ring of a device that failed to start.
-                    started_queues.push(queue.index);
+                    started.push(StartedQueue {
+                        index: queue.index,
+                        size: queue.size,
+                        addr,
+                    });
                     self.state = BackendState::Running {
                         acked_features,
-                        started_queues,
+                        queues: started,
                     };
                     // Its own failure is logged and recorded in the state.
                     let _ = self.stop();
@@ -412,28 +426,32 @@ impl VhostUserDevice {
                 size = queue.size,
                 "vhost-user device: queue started"
             );
-            started_queues.push(queue.index);
+            started.push(StartedQueue {
+                index: queue.index,
+                size: queue.size,
+                addr,
+            });
         }
         info!(
             device_type = self.kind.device_type,
-            queues = ?started_queues,
+            queues = ?started.iter().map(|q| q.index).collect::<Vec<_>>(),
             "vhost-user device: backend serves the queues"
         );
         self.state = BackendState::Running {
             acked_features,
-            started_queues,
+            queues: started,
         };
         Ok(())
     }
 
     fn stop(&mut self) -> Result<(), VhostUserDeviceError> {
-        let started_queues = match &self.state {
-            BackendState::Running { started_queues, .. } => started_queues.clone(),
+        let started: Vec<u16> = match &self.state {
+            BackendState::Running { queues, .. } => queues.iter().map(|q| q.index).collect(),
             // Nothing started (or nobody to tell): nothing to stop.
             _ => return Ok(()),
         };
         let mut last_bases = Vec::new();
-        for queue in started_queues {
+        for queue in started {
             let index = u32::from(queue);
             // QEMU's order: stop fetching new requests first, then GET_VRING_BASE, which the
             // backend answers once the ring is stopped, with where it stopped.

@@ -536,7 +536,18 @@ fn activation_message_sequence() {
         device.state(),
         &BackendState::Running {
             acked_features: acked,
-            started_queues: vec![0]
+            queues: vec![StartedQueue {
+                index: 0,
+                size: 128,
+                addr: VringAddr {
+                    index: 0,
+                    flags: 0,
+                    desc_user_addr: RAM_HVA + 0x1_0000,
+                    used_user_addr: RAM_HVA + 0x1_2000,
+                    avail_user_addr: RAM_HVA + 0x1_1000,
+                    log_guest_addr: 0,
+                },
+            }],
         }
     );
 }
@@ -718,6 +729,15 @@ fn a_refusal_mid_start_stops_what_was_started() {
     device
         .activate(VERSION_1, &[queue(0, 0x1_0000)], &kicks, &call)
         .expect("a later start may succeed");
+}
+
+#[test]
+fn the_real_connection_can_drive_a_device() {
+    // The VMM boxes a vhost_frontend::connection::Frontend as `dyn VhostUserFrontend + Send`,
+    // and the transport must be movable to the thread that handles MMIO exits.
+    fn is_send<T: Send>() {}
+    is_send::<vhost_frontend::connection::Frontend>();
+    is_send::<MmioTransport>();
 }
 
 /// The whole control path: a driver programs the transport, the backend hears vhost-user.
