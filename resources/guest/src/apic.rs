@@ -46,7 +46,10 @@ fn ioapic_write(reg: u32, value: u32) {
 /// accept every priority.
 pub fn enable_local_apic(spurious_vector: u8) {
     mmio_write32(LAPIC_TASK_PRIORITY, 0);
-    mmio_write32(LAPIC_SPURIOUS, LAPIC_SOFTWARE_ENABLE | u32::from(spurious_vector));
+    mmio_write32(
+        LAPIC_SPURIOUS,
+        LAPIC_SOFTWARE_ENABLE | u32::from(spurious_vector),
+    );
 }
 
 /// Deliver IOAPIC pin `gsi` as `vector` to this CPU: fixed delivery,

@@ -5,9 +5,8 @@
 #![no_main]
 // Failures carry their reason inline (there is no allocator to box it).
 #![allow(clippy::result_large_err)]
-// Interrupt and MMIO helpers are only used by the blk tests (next step).
-#![allow(dead_code)]
 
+mod apic;
 mod boot;
 mod cpu;
 mod idt;
@@ -17,6 +16,7 @@ mod outcome;
 mod serial;
 mod tests;
 mod time;
+mod virtio;
 
 use core::sync::atomic::{AtomicU8, Ordering};
 use test_guest::cmdline::{self, CmdlineError, Test};

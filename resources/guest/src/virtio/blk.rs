@@ -1,0 +1,540 @@
+//! virtio-blk over virtio-mmio: bring-up (virtio 1.x §3.1), 4 KiB reads and
+//! writes with several requests in flight, completion by polling the used
+//! ring or by interrupt.
+//!
+//! Request slot `s` owns descriptors 3s (header, 16 bytes: type, reserved,
+//! sector), 3s+1 (one 4 KiB data page) and 3s+2 (the status byte the device
+//! writes). A flush uses the header and status descriptors only.
+
+pub use super::dma::MAX_SLOTS;
+use super::dma::{self, DmaMemory, MAX_QUEUE_SIZE, PAGE, STATUS_OFFSET};
+use super::mmio::{self, status, Transport};
+use super::queue::{SplitQueue, DESC_F_NEXT, DESC_F_WRITE};
+use crate::apic;
+use crate::idt;
+use crate::time::Instant;
+use core::ptr::{addr_of_mut, read_volatile, write_volatile};
+use test_guest::cmdline::MmioDevice;
+
+pub const DEVICE_ID_BLOCK: u32 = 2;
+pub const SECTOR_SIZE: u64 = 512;
+const SECTORS_PER_BLOCK: u64 = PAGE as u64 / SECTOR_SIZE;
+
+/// Feature bits (virtio 1.x §3.1.1 and §6).
+pub mod feature {
+    pub const SEG_MAX: u64 = 1 << 2;
+    pub const RO: u64 = 1 << 5;
+    pub const BLK_SIZE: u64 = 1 << 6;
+    pub const FLUSH: u64 = 1 << 9;
+    pub const VERSION_1: u64 = 1 << 32;
+}
+/// What this driver implements; it accepts nothing else. (SEG_MAX and
+/// BLK_SIZE only describe the device; every request here is one 4 KiB
+/// segment. SIZE_MAX is left out: qemu-storage-daemon offers it with a
+/// size_max of 0.)
+const DRIVER_FEATURES: u64 =
+    feature::VERSION_1 | feature::SEG_MAX | feature::RO | feature::BLK_SIZE | feature::FLUSH;
+
+const CONFIG_CAPACITY: u64 = 0x00;
+const CONFIG_BLK_SIZE: u64 = 0x14;
+
+const REQUEST_IN: u32 = 0;
+const REQUEST_OUT: u32 = 1;
+const REQUEST_FLUSH: u32 = 4;
+const STATUS_OK: u8 = 0;
+const STATUS_IOERR: u8 = 1;
+const STATUS_UNSUPP: u8 = 2;
+/// Written into the status byte before submission: a device that completes
+/// a request without writing the status is caught.
+const STATUS_UNWRITTEN: u8 = 0xff;
+
+/// How long one completion may take before the driver gives up.
+const COMPLETION_TIMEOUT_MS: u64 = 10_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+    Flush,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Flush => "flush",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum BlkError {
+    NotVirtio {
+        base: u64,
+        magic: u32,
+    },
+    LegacyTransport {
+        base: u64,
+        version: u32,
+    },
+    ResetTimeout,
+    NoVersion1 {
+        offered: u64,
+    },
+    FeaturesRejected {
+        accepted: u64,
+    },
+    QueueAlreadyReady,
+    NoQueue,
+    QueueTooSmall {
+        size: u32,
+    },
+    BlockSizeTooLarge {
+        blk_size: u32,
+    },
+    DmaInUse,
+    Interrupt(apic::ApicError),
+    NoInterruptVector {
+        index: usize,
+    },
+    ReadOnly,
+    BeyondEnd {
+        block: u64,
+        capacity_sectors: u64,
+    },
+    FlushNotOffered,
+    NeedsReset {
+        op: Op,
+        block: u64,
+    },
+    Timeout {
+        op: Op,
+        block: u64,
+        waiting_for_interrupt: bool,
+        used_ring_moved: bool,
+    },
+    UnknownUsedId {
+        id: u32,
+    },
+    Request {
+        op: Op,
+        block: u64,
+        status: u8,
+    },
+}
+
+impl core::fmt::Display for BlkError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            BlkError::NotVirtio { base, magic } => {
+                write!(f, "no virtio-mmio device at {base:#x} (magic {magic:#x})")
+            }
+            BlkError::LegacyTransport { base, version } => {
+                write!(
+                    f,
+                    "virtio-mmio at {base:#x} is version {version}, only version 2 is supported"
+                )
+            }
+            BlkError::ResetTimeout => write!(f, "device status did not return to 0 after reset"),
+            BlkError::NoVersion1 { offered } => {
+                write!(
+                    f,
+                    "device does not offer VIRTIO_F_VERSION_1 (features {offered:#x})"
+                )
+            }
+            BlkError::FeaturesRejected { accepted } => {
+                write!(f, "device cleared FEATURES_OK for features {accepted:#x}")
+            }
+            BlkError::QueueAlreadyReady => write!(f, "queue 0 is already live after reset"),
+            BlkError::NoQueue => write!(f, "queue 0 is not available (QueueNumMax 0)"),
+            BlkError::QueueTooSmall { size } => {
+                write!(f, "queue 0 holds {size} descriptors, a request needs 3")
+            }
+            BlkError::BlockSizeTooLarge { blk_size } => {
+                write!(
+                    f,
+                    "device block size {blk_size} exceeds the 4096-byte requests"
+                )
+            }
+            BlkError::DmaInUse => write!(f, "the driver's DMA memory is already in use"),
+            BlkError::Interrupt(e) => write!(f, "interrupt routing: {e}"),
+            BlkError::NoInterruptVector { index } => {
+                write!(
+                    f,
+                    "device #{index} has no interrupt vector (only {} exist)",
+                    idt::IRQ_VECTORS
+                )
+            }
+            BlkError::ReadOnly => write!(f, "the device is read-only (VIRTIO_BLK_F_RO)"),
+            BlkError::BeyondEnd {
+                block,
+                capacity_sectors,
+            } => write!(
+                f,
+                "block {block} is beyond the end of the disk ({capacity_sectors} sectors)"
+            ),
+            BlkError::FlushNotOffered => {
+                write!(f, "flush requested but VIRTIO_BLK_F_FLUSH not negotiated")
+            }
+            BlkError::NeedsReset { op, block } => write!(
+                f,
+                "device set DEVICE_NEEDS_RESET while {} of block {block} was pending",
+                op.name()
+            ),
+            BlkError::Timeout {
+                op,
+                block,
+                waiting_for_interrupt,
+                used_ring_moved,
+            } => {
+                write!(
+                    f,
+                    "{} of block {block} did not complete within {COMPLETION_TIMEOUT_MS} ms",
+                    op.name()
+                )?;
+                if waiting_for_interrupt {
+                    write!(
+                        f,
+                        " (no interrupt; used ring {})",
+                        if used_ring_moved {
+                            "has entries"
+                        } else {
+                            "is empty"
+                        }
+                    )?;
+                }
+                Ok(())
+            }
+            BlkError::UnknownUsedId { id } => {
+                write!(
+                    f,
+                    "device returned descriptor {id}, which heads no pending request"
+                )
+            }
+            BlkError::Request { op, block, status } => {
+                let meaning = match status {
+                    STATUS_IOERR => "VIRTIO_BLK_S_IOERR",
+                    STATUS_UNSUPP => "VIRTIO_BLK_S_UNSUPP",
+                    STATUS_UNWRITTEN => "status byte never written",
+                    _ => "not a virtio-blk status",
+                };
+                write!(
+                    f,
+                    "{} of block {block} failed: status {status} ({meaning})",
+                    op.name()
+                )
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Pending {
+    op: Op,
+    block: u64,
+}
+
+pub struct BlkDevice {
+    transport: Transport,
+    queue: SplitQueue,
+    memory: *mut DmaMemory,
+    features: u64,
+    capacity_sectors: u64,
+    slots: usize,
+    pending: [Option<Pending>; MAX_SLOTS],
+    /// Interrupt mode: the counter index (vector 0x30+index) and bookkeeping.
+    irq: Option<usize>,
+    irq_seen: u64,
+    interrupts: u64,
+    notified: bool,
+}
+
+/// The virtio-blk devices among the command line's virtio-mmio windows, with
+/// their position in the command line (which picks the interrupt vector).
+pub fn find_block_devices(devices: &[MmioDevice], mut found: impl FnMut(usize, &MmioDevice)) {
+    for (index, device) in devices.iter().enumerate() {
+        let id = Transport::new(device.base).identity();
+        if id.magic == mmio::MAGIC && id.device_id == DEVICE_ID_BLOCK {
+            found(index, device);
+        }
+    }
+}
+
+impl BlkDevice {
+    /// Bring up device `index` (its position in the command line) and its
+    /// queue 0. `irq`: complete by interrupt (vector 0x30+index).
+    pub fn open(device: &MmioDevice, index: usize, irq: bool) -> Result<Self, BlkError> {
+        let transport = Transport::new(device.base);
+        let id = transport.identity();
+        if id.magic != mmio::MAGIC {
+            return Err(BlkError::NotVirtio {
+                base: device.base,
+                magic: id.magic,
+            });
+        }
+        if id.version != mmio::MODERN_VERSION {
+            return Err(BlkError::LegacyTransport {
+                base: device.base,
+                version: id.version,
+            });
+        }
+        if !transport.reset() {
+            return Err(BlkError::ResetTimeout);
+        }
+        transport.add_status(status::ACKNOWLEDGE);
+        transport.add_status(status::DRIVER);
+
+        let offered = transport.device_features();
+        if offered & feature::VERSION_1 == 0 {
+            transport.add_status(status::FAILED);
+            return Err(BlkError::NoVersion1 { offered });
+        }
+        let features = offered & DRIVER_FEATURES;
+        transport.set_driver_features(features);
+        transport.add_status(status::FEATURES_OK);
+        if transport.status() & status::FEATURES_OK == 0 {
+            transport.add_status(status::FAILED);
+            return Err(BlkError::FeaturesRejected { accepted: features });
+        }
+        let fail = |error| {
+            transport.add_status(status::FAILED);
+            Err(error)
+        };
+        if features & feature::BLK_SIZE != 0 {
+            let blk_size = transport.config_read32(CONFIG_BLK_SIZE);
+            if blk_size as usize > PAGE {
+                return fail(BlkError::BlockSizeTooLarge { blk_size });
+            }
+        }
+        let capacity_sectors = transport.config_read64(CONFIG_CAPACITY);
+
+        transport.select_queue(0);
+        if transport.queue_ready() {
+            return fail(BlkError::QueueAlreadyReady);
+        }
+        let max = transport.queue_num_max();
+        if max == 0 {
+            return fail(BlkError::NoQueue);
+        }
+        if max < 3 {
+            return fail(BlkError::QueueTooSmall { size: max });
+        }
+        // Split rings want a power of two; use the largest that fits.
+        let limit = max.min(u32::from(MAX_QUEUE_SIZE));
+        let size = 1u16 << (31 - limit.leading_zeros());
+        let Some(memory) = dma::take() else {
+            return fail(BlkError::DmaInUse);
+        };
+        let mut queue = SplitQueue::new(memory, size);
+        queue.set_interrupts_wanted(irq);
+        let (desc, driver, device_ring) = queue.addresses();
+        transport.activate_queue(size, desc, driver, device_ring);
+
+        let irq = if irq {
+            if index >= idt::IRQ_VECTORS {
+                return fail(BlkError::NoInterruptVector { index });
+            }
+            if let Err(e) = apic::route_gsi(device.gsi, idt::IRQ_VECTOR_BASE + index as u8) {
+                return fail(BlkError::Interrupt(e));
+            }
+            apic::enable_local_apic(idt::SPURIOUS_VECTOR);
+            Some(index)
+        } else {
+            None
+        };
+        transport.add_status(status::DRIVER_OK);
+
+        Ok(BlkDevice {
+            transport,
+            slots: (usize::from(size) / 3).min(MAX_SLOTS),
+            queue,
+            memory,
+            features,
+            capacity_sectors,
+            pending: [None; MAX_SLOTS],
+            irq_seen: irq.map_or(0, idt::irq_count),
+            irq,
+            interrupts: 0,
+            notified: false,
+        })
+    }
+
+    pub fn base(&self) -> u64 {
+        self.transport.base()
+    }
+
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    pub fn queue_size(&self) -> u16 {
+        self.queue.size()
+    }
+
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors
+    }
+
+    pub fn capacity_blocks(&self) -> u64 {
+        self.capacity_sectors / SECTORS_PER_BLOCK
+    }
+
+    /// Requests that can be in flight at once.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    pub fn can_flush(&self) -> bool {
+        self.features & feature::FLUSH != 0
+    }
+
+    /// Interrupts taken so far (interrupt mode).
+    pub fn interrupts(&self) -> u64 {
+        self.interrupts
+    }
+
+    /// The data page of `slot`, to fill before a write or read after a read.
+    pub fn data(&mut self, slot: usize) -> &mut [u8; PAGE] {
+        assert!(slot < self.slots && self.pending[slot].is_none());
+        // SAFETY: the slot is not pending, so the device is not using its
+        // page; the &mut borrow of self keeps it that way while this lives.
+        unsafe { &mut *addr_of_mut!((*self.memory).data[slot]) }
+    }
+
+    fn status_byte(&self, slot: usize) -> *mut u8 {
+        // SAFETY: STATUS_OFFSET + slot < PAGE (checked at compile time in dma.rs).
+        unsafe { (addr_of_mut!((*self.memory).requests) as *mut u8).add(STATUS_OFFSET + slot) }
+    }
+
+    /// Queue a request in `slot` (free); it reaches the device at `kick`.
+    pub fn push(&mut self, slot: usize, op: Op, block: u64) -> Result<(), BlkError> {
+        assert!(slot < self.slots && self.pending[slot].is_none());
+        match op {
+            Op::Write if self.features & feature::RO != 0 => return Err(BlkError::ReadOnly),
+            Op::Flush if !self.can_flush() => return Err(BlkError::FlushNotOffered),
+            Op::Read | Op::Write if block >= self.capacity_blocks() => {
+                return Err(BlkError::BeyondEnd {
+                    block,
+                    capacity_sectors: self.capacity_sectors,
+                })
+            }
+            _ => {}
+        }
+        let (kind, sector) = match op {
+            Op::Read => (REQUEST_IN, block * SECTORS_PER_BLOCK),
+            Op::Write => (REQUEST_OUT, block * SECTORS_PER_BLOCK),
+            Op::Flush => (REQUEST_FLUSH, 0),
+        };
+        let head = (slot * 3) as u16;
+        // SAFETY: header `slot` (16 bytes at slot*16) lies within the page
+        // (MAX_SLOTS*16 <= STATUS_OFFSET); the slot is ours, not the device's.
+        let header = unsafe {
+            let h = (addr_of_mut!((*self.memory).requests) as *mut u8).add(slot * 16);
+            write_volatile(h as *mut u32, kind);
+            write_volatile(h.add(4) as *mut u32, 0);
+            write_volatile(h.add(8) as *mut u64, sector);
+            h as u64
+        };
+        let status = self.status_byte(slot);
+        // SAFETY: see status_byte.
+        unsafe { write_volatile(status, STATUS_UNWRITTEN) };
+        // SAFETY: field address only.
+        let data = unsafe { addr_of_mut!((*self.memory).data[slot]) as u64 };
+        if op == Op::Flush {
+            self.queue
+                .set_descriptor(head, header, 16, DESC_F_NEXT, head + 2);
+        } else {
+            self.queue
+                .set_descriptor(head, header, 16, DESC_F_NEXT, head + 1);
+            let data_flags = if op == Op::Read {
+                DESC_F_WRITE | DESC_F_NEXT
+            } else {
+                DESC_F_NEXT
+            };
+            self.queue
+                .set_descriptor(head + 1, data, PAGE as u32, data_flags, head + 2);
+        }
+        self.queue
+            .set_descriptor(head + 2, status as u64, 1, DESC_F_WRITE, 0);
+        self.pending[slot] = Some(Pending { op, block });
+        self.queue.publish(head);
+        Ok(())
+    }
+
+    /// Tell the device that new requests wait in queue 0.
+    pub fn kick(&self) {
+        self.transport.notify(0);
+    }
+
+    /// Some pending request, for error messages.
+    fn any_pending(&self) -> Pending {
+        self.pending
+            .iter()
+            .flatten()
+            .next()
+            .copied()
+            .unwrap_or(Pending {
+                op: Op::Read,
+                block: 0,
+            })
+    }
+
+    /// Wait for the next completed request; returns its slot, which is free
+    /// again. A request the device failed is an error.
+    pub fn complete(&mut self) -> Result<usize, BlkError> {
+        let start = Instant::now();
+        let mut spins: u32 = 0;
+        let used_id = loop {
+            if let Some(index) = self.irq {
+                let count = idt::irq_count(index);
+                if count != self.irq_seen {
+                    self.interrupts += count.wrapping_sub(self.irq_seen);
+                    self.irq_seen = count;
+                    self.transport.acknowledge_interrupt();
+                    self.notified = true;
+                }
+                // Only look at the used ring when an interrupt said so; once
+                // it is drained, wait for the next interrupt.
+                if self.notified {
+                    match self.queue.pop_used() {
+                        Some(id) => break id,
+                        None => self.notified = false,
+                    }
+                }
+            } else if let Some(id) = self.queue.pop_used() {
+                break id;
+            }
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(1024) && start.elapsed_ms() >= COMPLETION_TIMEOUT_MS {
+                let Pending { op, block } = self.any_pending();
+                if self.transport.status() & status::NEEDS_RESET != 0 {
+                    return Err(BlkError::NeedsReset { op, block });
+                }
+                return Err(BlkError::Timeout {
+                    op,
+                    block,
+                    waiting_for_interrupt: self.irq.is_some(),
+                    used_ring_moved: self.queue.has_used(),
+                });
+            }
+            core::hint::spin_loop();
+        };
+        let slot = used_id as usize / 3;
+        if used_id % 3 != 0 || slot >= self.slots {
+            return Err(BlkError::UnknownUsedId { id: used_id });
+        }
+        let Some(Pending { op, block }) = self.pending[slot].take() else {
+            return Err(BlkError::UnknownUsedId { id: used_id });
+        };
+        // SAFETY: see status_byte; the device is done with it.
+        let status = unsafe { read_volatile(self.status_byte(slot)) };
+        if status != STATUS_OK {
+            if self.transport.status() & status::NEEDS_RESET != 0 {
+                return Err(BlkError::NeedsReset { op, block });
+            }
+            return Err(BlkError::Request { op, block, status });
+        }
+        Ok(slot)
+    }
+}

@@ -1,0 +1,46 @@
+//! The memory the device reads and writes: rings, request headers, status
+//! bytes and data buffers, all static. The page tables map memory 1:1, so the
+//! address of a static is also its guest-physical address, which is what the
+//! device needs.
+
+use core::sync::atomic::{AtomicBool, Ordering};
+
+pub const PAGE: usize = 4096;
+/// The largest queue the driver sets up (a 4 KiB descriptor table).
+pub const MAX_QUEUE_SIZE: u16 = 256;
+/// Requests in flight at once: each takes three descriptors.
+pub const MAX_SLOTS: usize = MAX_QUEUE_SIZE as usize / 3;
+/// Offset of the status bytes within the `requests` page.
+pub const STATUS_OFFSET: usize = 2048;
+
+#[repr(C, align(4096))]
+pub struct DmaMemory {
+    pub desc: [u8; PAGE],
+    pub avail: [u8; PAGE],
+    pub used: [u8; PAGE],
+    /// 16-byte request headers at slot*16, status bytes at STATUS_OFFSET+slot.
+    pub requests: [u8; PAGE],
+    pub data: [[u8; PAGE]; MAX_SLOTS],
+}
+
+const _: () = assert!(MAX_SLOTS * 16 <= STATUS_OFFSET && STATUS_OFFSET + MAX_SLOTS <= PAGE);
+
+static mut DMA: DmaMemory = DmaMemory {
+    desc: [0; PAGE],
+    avail: [0; PAGE],
+    used: [0; PAGE],
+    requests: [0; PAGE],
+    data: [[0; PAGE]; MAX_SLOTS],
+};
+static TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// The DMA memory, once: one device at a time owns it. Zeroed on hand-out.
+pub fn take() -> Option<*mut DmaMemory> {
+    if TAKEN.swap(true, Ordering::AcqRel) {
+        return None;
+    }
+    let memory = core::ptr::addr_of_mut!(DMA);
+    // SAFETY: the flag above makes this the only pointer ever handed out.
+    unsafe { core::ptr::write_bytes(memory, 0, 1) };
+    Some(memory)
+}
