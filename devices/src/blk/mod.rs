@@ -5,12 +5,18 @@
 //! - `request`: one request, parsed from a descriptor chain and executed.
 //! - `memory`: guest memory mapped from the SET_MEM_TABLE fds, and address translation.
 //! - `queue_worker`: the data path of one virtqueue (kick → requests → used ring → call).
+//! - `vring`: what the frontend told us about one ring, and when it runs.
+//! - `backend`: the vhost-user protocol state machine and the public API.
 
+pub mod backend;
 pub mod config;
 pub mod disk;
 pub mod memory;
 pub mod queue_worker;
 pub mod request;
+pub mod vring;
+
+pub use backend::{BlkBackend, BlkBackendConfig, BlkError};
 
 #[cfg(test)]
 pub(crate) mod test_util;

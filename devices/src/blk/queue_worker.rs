@@ -84,6 +84,8 @@ pub struct QueueSetup {
     pub rings: RingAddresses,
     /// From SET_VRING_BASE: the first avail ring entry not yet consumed.
     pub next_avail: u16,
+    /// The worker's own handle on the kick eventfd (the vring keeps the original, so a failed
+    /// start or a stop never loses it).
     pub kick: EventFd,
     pub call: Arc<Notifier>,
     pub err: Arc<Notifier>,
@@ -104,15 +106,8 @@ pub enum QueueError {
     Os { index: u16, source: io::Error },
 }
 
-/// What a stopped queue hands back: where to resume, and the kick fd to resume with (`None`
-/// only if the dispatcher thread died, which it does not by design).
-#[derive(Debug)]
-pub struct StoppedQueue {
-    pub next_avail: u16,
-    pub kick: Option<EventFd>,
-}
-
 /// State shared by the dispatcher and the I/O threads of one queue.
+#[derive(Debug)]
 struct QueueShared {
     index: u16,
     queue: Mutex<Queue>,
@@ -123,10 +118,11 @@ struct QueueShared {
 }
 
 /// A running queue: its dispatcher thread and I/O threads.
+#[derive(Debug)]
 pub struct QueueWorker {
     index: u16,
     stop: EventFd,
-    dispatcher: Option<JoinHandle<EventFd>>,
+    dispatcher: Option<JoinHandle<()>>,
     shared: Arc<QueueShared>,
 }
 
@@ -166,22 +162,19 @@ impl QueueWorker {
         })
     }
 
-    /// Stops popping, waits for every popped request to complete, and returns where to resume.
-    pub fn stop(mut self) -> StoppedQueue {
+    /// Stops popping, waits for every popped request to complete, and returns the next avail
+    /// index: where to resume (and what GET_VRING_BASE reports).
+    pub fn stop(mut self) -> u16 {
         self.stop_inner()
     }
 
-    fn stop_inner(&mut self) -> StoppedQueue {
+    fn stop_inner(&mut self) -> u16 {
         if let Err(e) = self.stop.write(1) {
             error!(queue = self.index, "cannot signal the queue to stop: {e}");
         }
-        let kick = match self.dispatcher.take().map(JoinHandle::join) {
-            Some(Ok(kick)) => Some(kick),
-            _ => {
-                error!(queue = self.index, "queue dispatcher thread panicked");
-                None
-            }
-        };
+        if let Some(Err(_)) = self.dispatcher.take().map(JoinHandle::join) {
+            error!(queue = self.index, "queue dispatcher thread panicked");
+        }
         let next_avail = self
             .shared
             .queue
@@ -189,7 +182,7 @@ impl QueueWorker {
             .unwrap_or_else(PoisonError::into_inner)
             .next_avail();
         debug!(queue = self.index, next_avail, "virtio-blk queue stopped");
-        StoppedQueue { next_avail, kick }
+        next_avail
     }
 }
 
@@ -232,8 +225,8 @@ fn build_queue(setup: &QueueSetup, mem: &GuestMemoryMmap) -> Result<Queue, Queue
 }
 
 /// The dispatcher: waits for kicks, pops chains, parses them and queues them to the I/O threads.
-/// Returns the kick fd when stopped, after the I/O threads have drained.
-fn dispatch(shared: Arc<QueueShared>, kick: EventFd, stop: EventFd, queue_size: usize) -> EventFd {
+/// Returns when stopped, after the I/O threads have drained.
+fn dispatch(shared: Arc<QueueShared>, kick: EventFd, stop: EventFd, queue_size: usize) {
     let (sender, receiver) = sync_channel::<BlkRequest>(queue_size);
     let receiver = Arc::new(Mutex::new(receiver));
     let mut io_threads = Vec::with_capacity(IO_THREADS_PER_QUEUE);
@@ -262,7 +255,6 @@ fn dispatch(shared: Arc<QueueShared>, kick: EventFd, stop: EventFd, queue_size: 
     for handle in io_threads {
         let _ = handle.join();
     }
-    kick
 }
 
 enum Wake {
@@ -522,9 +514,7 @@ mod tests {
             r.disk_file.read_exact_at(&mut sector, n * 512).unwrap();
             assert!(sector.iter().all(|&b| b == n as u8 + 1), "sector {n}");
         }
-        let stopped = worker.stop();
-        assert_eq!(stopped.next_avail, 32);
-        assert!(stopped.kick.is_some());
+        assert_eq!(worker.stop(), 32);
         assert!(r.err.read().is_err(), "err fd must stay quiet");
     }
 
@@ -535,8 +525,8 @@ mod tests {
         // Queued before the worker starts: served without a kick.
         let worker = r.start(0).unwrap();
         r.ring.wait_used(r.mem.guest(), 1);
-        let stopped = worker.stop();
-        assert_eq!(stopped.next_avail, 1);
+        let next_avail = worker.stop();
+        assert_eq!(next_avail, 1);
 
         // While stopped, nothing is served.
         r.submit_write(1, 11, 0x22);
@@ -544,7 +534,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert_eq!(r.ring.used_idx(r.mem.guest()), 1);
 
-        let worker = r.start(stopped.next_avail).unwrap();
+        let worker = r.start(next_avail).unwrap();
         r.ring.wait_used(r.mem.guest(), 2);
         assert_eq!(
             r.ring.used_elem(r.mem.guest(), 1).0,
@@ -552,7 +542,7 @@ mod tests {
             "second chain's head"
         );
         assert_eq!(r.status_of(1), 0);
-        assert_eq!(worker.stop().next_avail, 2);
+        assert_eq!(worker.stop(), 2);
         let mut sector = [0u8; 512];
         r.disk_file.read_exact_at(&mut sector, 11 * 512).unwrap();
         assert!(sector.iter().all(|&b| b == 0x22));
@@ -608,7 +598,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         assert_eq!(r.ring.used_idx(r.mem.guest()), 0);
-        assert_eq!(worker.stop().next_avail, 0);
+        assert_eq!(worker.stop(), 0);
     }
 
     #[test]

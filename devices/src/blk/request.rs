@@ -31,6 +31,10 @@ use super::disk::{Disk, RangeError, DISK_ID_LEN};
 
 /// Size of the request header (struct virtio_blk_outhdr).
 pub const REQUEST_HEADER_LEN: usize = 16;
+/// Longest chain accepted. The chain iterator already stops at the ring size (or an indirect
+/// table's size, up to 65535); this keeps the per-request descriptor list small whatever the guest
+/// builds. Real drivers stay under seg_max + 2.
+pub const MAX_CHAIN_DESCRIPTORS: usize = 4096;
 /// Bytes moved per pread/pwrite: a bounce buffer of this size per I/O thread bounds the memory a
 /// guest can make us allocate, whatever lengths its descriptors claim.
 const COPY_CHUNK: usize = 64 * 1024;
@@ -134,6 +138,12 @@ impl BlkRequest {
         let mut descriptors = Vec::new();
         let mut cut_short = false;
         for desc in chain.clone() {
+            if descriptors.len() == MAX_CHAIN_DESCRIPTORS {
+                // Treated like a cut chain: the status byte is whatever the last kept
+                // descriptor ends with, if it is writable.
+                cut_short = true;
+                break;
+            }
             cut_short = desc.has_next();
             descriptors.push(GuestDescriptor {
                 addr: desc.addr(),

@@ -200,3 +200,24 @@ pub fn memfd_disk(sectors: u64, readonly: bool) -> (super::disk::Disk, File) {
     .expect("disk");
     (disk, file)
 }
+
+/// A fresh path under the system temp dir (not created); unique per process and call.
+pub fn temp_path(name: &str) -> std::path::PathBuf {
+    use std::sync::atomic::AtomicUsize;
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("vmm-blk-test-{}-{n}-{name}", std::process::id()))
+}
+
+/// Waits up to `timeout` for `fd` to become readable.
+pub fn wait_readable(fd: &impl std::os::fd::AsRawFd, timeout: Duration) -> bool {
+    let mut pollfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd that outlives the call.
+    let ret = unsafe { libc::poll(&mut pollfd, 1, ms) };
+    ret == 1 && pollfd.revents & libc::POLLIN != 0
+}

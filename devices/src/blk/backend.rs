@@ -1,0 +1,1027 @@
+//! The vhost-user-blk backend: the *server* side of vhost-user, serving a raw disk image.
+//!
+//! One frontend at a time talks to it over a unix stream socket. The frontend drives, the backend
+//! answers:
+//!
+//! ```text
+//!  GET_FEATURES / SET_FEATURES            virtio + vhost-user feature bits
+//!  GET/SET_PROTOCOL_FEATURES              which optional messages both sides speak
+//!  SET_OWNER, GET_QUEUE_NUM, GET_CONFIG   session start; queue count; the virtio-blk config space
+//!  SET_MEM_TABLE (+ one fd per region)    guest RAM: the backend maps it MAP_SHARED
+//!  SET_VRING_NUM/BASE/ADDR                per ring: size, first avail index, ring addresses
+//!  SET_VRING_KICK/CALL/ERR (+ eventfd)    guest->backend doorbell, backend->guest interrupt, errors
+//!  SET_VRING_ENABLE 1                     the ring runs: data flows without the frontend
+//!  GET_VRING_BASE                         stop the ring; reply: where it stopped
+//! ```
+//!
+//! Replies: GET_* messages always get one. With the REPLY_ACK protocol feature the frontend may set
+//! NEED_REPLY on any other message and then gets a u64: 0 for success, non-zero for failure.
+//! A message this backend cannot accept (unknown, malformed, or asking for something it does not
+//! do) gets that failure ack when NEED_REPLY is set; otherwise the connection is closed with a
+//! logged reason, since the frontend would carry on believing it succeeded.
+
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+use tracing::{debug, info, warn};
+use vhost_frontend::features::{
+    bit_mask, describe_protocol_features, describe_virtio_features, has, PROTOCOL_CONFIG,
+    PROTOCOL_MQ, PROTOCOL_REPLY_ACK, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use vhost_frontend::wire::{
+    recv_message, send_message, ConfigSpace, FrontendMessage, Header, PeerGone, Request,
+    U64Payload, VringAddr, VringState, WireError, FLAG_REPLY, VERSION, VHOST_VRING_F_LOG,
+};
+
+use super::config::{offered_virtio_features, BlkConfig};
+use super::disk::Disk;
+use super::memory::{MappedMemory, RegionLayout};
+use super::vring::{eventfd_from_peer, RunContext, UserRingAddresses, Vring};
+
+/// Most queues a device may have (the vring fd messages carry an 8-bit index; 64 is plenty).
+pub const MAX_QUEUES: u16 = 64;
+/// Largest split ring the virtio spec allows.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// The protocol features offered. INFLIGHT_SHMFD comes with inflight tracking (a later change).
+pub const OFFERED_PROTOCOL_FEATURES: u64 =
+    bit_mask(PROTOCOL_MQ) | bit_mask(PROTOCOL_REPLY_ACK) | bit_mask(PROTOCOL_CONFIG);
+
+/// How to run a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlkBackendConfig {
+    /// The raw disk image.
+    pub path: PathBuf,
+    /// Offer VIRTIO_BLK_F_RO and fail every write with IOERR.
+    pub readonly: bool,
+    /// Request queues offered (GET_QUEUE_NUM, config space num_queues), 1..=MAX_QUEUES.
+    pub num_queues: u16,
+    /// Largest ring accepted in SET_VRING_NUM (a power of two); also sets seg_max (size - 2).
+    /// QEMU's vhost-user-blk defaults to 128 and allows up to 1024.
+    pub queue_size: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlkError {
+    #[error("invalid backend configuration: {0}")]
+    InvalidConfig(String),
+    #[error("cannot open disk image {path}: {source}")]
+    OpenDisk { path: PathBuf, source: io::Error },
+    /// The frontend sent something this backend cannot accept; the connection was closed.
+    #[error("frontend broke the protocol: {0}")]
+    Protocol(String),
+    /// The socket failed for a reason other than the frontend hanging up.
+    #[error("vhost-user socket error: {0}")]
+    Wire(WireError),
+    #[error("cannot set up the listening socket {path}: {source}")]
+    Listen { path: PathBuf, source: io::Error },
+    #[error("cannot create the socket pair or thread: {0}")]
+    Spawn(io::Error),
+}
+
+/// A virtio-blk device served over vhost-user. Holds the opened image; each `serve` call is one
+/// frontend session with its own memory table and rings.
+#[derive(Debug)]
+pub struct BlkBackend {
+    disk: Arc<Disk>,
+    config: BlkConfig,
+    num_queues: u16,
+    queue_size: u16,
+}
+
+impl BlkBackend {
+    /// Checks the configuration and opens the image (once, for every session).
+    pub fn open(cfg: BlkBackendConfig) -> Result<Self, BlkError> {
+        if cfg.num_queues == 0 || cfg.num_queues > MAX_QUEUES {
+            return Err(BlkError::InvalidConfig(format!(
+                "num_queues {} is not in 1..={MAX_QUEUES}",
+                cfg.num_queues
+            )));
+        }
+        if !cfg.queue_size.is_power_of_two() {
+            return Err(BlkError::InvalidConfig(format!(
+                "queue_size {} is not a power of two",
+                cfg.queue_size
+            )));
+        }
+        let disk = Disk::open(&cfg.path, cfg.readonly).map_err(|source| BlkError::OpenDisk {
+            path: cfg.path.clone(),
+            source,
+        })?;
+        let config = BlkConfig::new(disk.capacity_sectors(), cfg.queue_size, cfg.num_queues);
+        info!(
+            path = %cfg.path.display(),
+            sectors = disk.capacity_sectors(),
+            readonly = cfg.readonly,
+            "virtio-blk backend opened its image"
+        );
+        Ok(BlkBackend {
+            disk: Arc::new(disk),
+            config,
+            num_queues: cfg.num_queues,
+            queue_size: cfg.queue_size,
+        })
+    }
+
+    /// The virtio feature bits offered in GET_FEATURES.
+    pub fn offered_features(&self) -> u64 {
+        offered_virtio_features(self.disk.is_readonly())
+            | bit_mask(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit_mask(VHOST_USER_F_PROTOCOL_FEATURES)
+    }
+
+    /// Serves one frontend until it hangs up (then `Ok`) or breaks the protocol (then `Err`, the
+    /// connection closed). Every ring is stopped and drained before this returns.
+    pub fn serve(&self, stream: UnixStream) -> Result<(), BlkError> {
+        let mut session = Session::new(self, &stream);
+        match session.run() {
+            Ok(()) => Ok(()),
+            Err(SessionEnd::PeerGone(how)) => {
+                info!("vhost-user frontend went away ({how})");
+                Ok(())
+            }
+            Err(SessionEnd::Failed(e)) => {
+                warn!("closing the vhost-user connection: {e}");
+                Err(e)
+            }
+        }
+    }
+
+    /// The in-process fallback: a socketpair with the backend serving one end on its own thread.
+    /// Returns the frontend's end and the thread (which ends when the frontend end is closed).
+    pub fn spawn_in_process(
+        cfg: BlkBackendConfig,
+    ) -> Result<(UnixStream, JoinHandle<Result<(), BlkError>>), BlkError> {
+        let backend = BlkBackend::open(cfg)?;
+        let (frontend_end, backend_end) = UnixStream::pair().map_err(BlkError::Spawn)?;
+        let handle = thread::Builder::new()
+            .name("blk-backend".into())
+            .spawn(move || backend.serve(backend_end))
+            .map_err(BlkError::Spawn)?;
+        Ok((frontend_end, handle))
+    }
+
+    /// Standalone backend (`vmm blk-backend`): listens on `socket_path` and serves one frontend at
+    /// a time, for ever; a frontend leaving (or misbehaving) does not end it. A stale socket file
+    /// left by an earlier run is replaced; any other file at that path is an error.
+    pub fn listen(cfg: BlkBackendConfig, socket_path: &Path) -> Result<(), BlkError> {
+        let backend = BlkBackend::open(cfg)?;
+        let listen_err = |source| BlkError::Listen {
+            path: socket_path.to_path_buf(),
+            source,
+        };
+        if let Ok(meta) = std::fs::symlink_metadata(socket_path) {
+            if !meta.file_type().is_socket() {
+                return Err(listen_err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "path exists and is not a socket",
+                )));
+            }
+            std::fs::remove_file(socket_path).map_err(listen_err)?;
+        }
+        let listener = UnixListener::bind(socket_path).map_err(listen_err)?;
+        info!(socket = %socket_path.display(), "vhost-user-blk backend listening");
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    info!("vhost-user frontend connected");
+                    match backend.serve(stream) {
+                        Ok(()) => info!("session ended; waiting for the next frontend"),
+                        Err(e) => warn!("session failed: {e}; waiting for the next frontend"),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(listen_err(e)),
+            }
+        }
+    }
+}
+
+/// Why a session stopped.
+enum SessionEnd {
+    PeerGone(PeerGone),
+    Failed(BlkError),
+}
+
+impl From<WireError> for SessionEnd {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::PeerGone(how) => SessionEnd::PeerGone(how),
+            WireError::Protocol(p) => SessionEnd::Failed(BlkError::Protocol(p.to_string())),
+            other => SessionEnd::Failed(BlkError::Wire(other)),
+        }
+    }
+}
+
+/// What a handled message sends back.
+enum Reply {
+    /// Nothing, or a success ack when NEED_REPLY is set.
+    Ack,
+    /// The reply payload of a GET_* message.
+    Payload(Vec<u8>),
+}
+
+/// Why a message was not accepted.
+enum Failure {
+    /// A legitimate "no" (e.g. SET_CONFIG on a read-only config space): the session goes on.
+    Refused(String),
+    /// The message breaks the protocol or asks for what was not negotiated.
+    Breach(String),
+}
+
+/// One frontend session: negotiated features, the memory table, and the rings.
+struct Session<'a> {
+    backend: &'a BlkBackend,
+    stream: &'a UnixStream,
+    acked_features: u64,
+    protocol_features: u64,
+    memory: Option<MappedMemory>,
+    vrings: Vec<Vring>,
+}
+
+impl<'a> Session<'a> {
+    fn new(backend: &'a BlkBackend, stream: &'a UnixStream) -> Self {
+        Session {
+            backend,
+            stream,
+            acked_features: 0,
+            protocol_features: 0,
+            memory: None,
+            vrings: (0..backend.num_queues).map(Vring::new).collect(),
+        }
+    }
+
+    fn run(&mut self) -> Result<(), SessionEnd> {
+        loop {
+            let (header, payload, fds) = recv_message(self.stream)?;
+            let message = match FrontendMessage::decode(&header, &payload, fds) {
+                Ok(message) => message,
+                Err(e) => {
+                    // The framing is intact (header.size bytes were read), so with NEED_REPLY
+                    // the frontend can be told and the session can go on.
+                    self.fail(&header, Failure::Breach(e.to_string()))?;
+                    continue;
+                }
+            };
+            let request = message.request();
+            debug!(target: "vhost", "vhost-user backend <- {request} {message:?}");
+            match self.handle(message) {
+                Ok(reply) => self.reply(request, &header, reply)?,
+                Err(failure) => self.fail(&header, failure)?,
+            }
+        }
+    }
+
+    fn reply(&self, request: Request, header: &Header, reply: Reply) -> Result<(), SessionEnd> {
+        match reply {
+            Reply::Payload(payload) => {
+                debug!(target: "vhost", "vhost-user backend -> {request} reply ({} bytes)", payload.len());
+                send_message(
+                    self.stream,
+                    &Header::for_reply(request, payload.len()),
+                    &payload,
+                    &[],
+                )?;
+            }
+            Reply::Ack if header.need_reply() => self.send_ack(header.request, 0)?,
+            Reply::Ack => {}
+        }
+        Ok(())
+    }
+
+    fn fail(&self, header: &Header, failure: Failure) -> Result<(), SessionEnd> {
+        let name = Request::from_code(header.request)
+            .map(Request::name)
+            .unwrap_or("unknown request");
+        let (reason, fatal) = match failure {
+            Failure::Refused(reason) => (reason, false),
+            Failure::Breach(reason) => (reason, true),
+        };
+        if header.need_reply() {
+            warn!(
+                "{name} (code {}) failed: {reason}; sending a failure ack",
+                header.request
+            );
+            self.send_ack(header.request, 1)?;
+            Ok(())
+        } else if fatal {
+            Err(SessionEnd::Failed(BlkError::Protocol(format!(
+                "{name} (code {}): {reason}",
+                header.request
+            ))))
+        } else {
+            warn!("{name} refused: {reason}");
+            Ok(())
+        }
+    }
+
+    /// The REPLY_ACK u64: 0 success, anything else failure. Built from the raw code so that an
+    /// unknown request can be answered too.
+    fn send_ack(&self, request_code: u32, value: u64) -> Result<(), SessionEnd> {
+        let payload = U64Payload(value).encode();
+        let header = Header {
+            request: request_code,
+            flags: VERSION | FLAG_REPLY,
+            size: payload.len() as u32,
+        };
+        send_message(self.stream, &header, &payload, &[])?;
+        Ok(())
+    }
+
+    fn handle(&mut self, message: FrontendMessage) -> Result<Reply, Failure> {
+        use FrontendMessage as M;
+        match message {
+            M::GetFeatures => Ok(u64_reply(self.backend.offered_features())),
+            M::SetFeatures(features) => self.set_features(features),
+            M::SetOwner => Ok(Reply::Ack),
+            M::ResetOwner | M::ResetDevice => {
+                self.reset();
+                Ok(Reply::Ack)
+            }
+            M::GetProtocolFeatures => Ok(u64_reply(OFFERED_PROTOCOL_FEATURES)),
+            M::SetProtocolFeatures(features) => self.set_protocol_features(features),
+            M::GetQueueNum => Ok(u64_reply(u64::from(self.backend.num_queues))),
+            M::GetConfig(window) => Ok(self.get_config(&window)),
+            M::SetConfig(_) => Err(Failure::Refused(
+                "the virtio-blk config space is read-only here".into(),
+            )),
+            M::SetMemTable { table, fds } => {
+                let layouts: Vec<RegionLayout> = table
+                    .regions
+                    .iter()
+                    .map(|r| RegionLayout {
+                        guest_phys_addr: r.guest_phys_addr,
+                        memory_size: r.memory_size,
+                        userspace_addr: r.userspace_addr,
+                        mmap_offset: r.mmap_offset,
+                    })
+                    .collect();
+                let memory =
+                    MappedMemory::map(&layouts, fds).map_err(|e| Failure::Breach(e.to_string()))?;
+                info!("guest memory mapped: {} region(s)", layouts.len());
+                // Rings keep their guest physical addresses; they restart on the new mapping.
+                self.vrings.iter_mut().for_each(Vring::pause);
+                self.memory = Some(memory);
+                self.resume_all();
+                Ok(Reply::Ack)
+            }
+            M::SetVringNum(VringState { index, num }) => {
+                let size = self.check_ring_size(num)?;
+                self.reconfigure(index, |v| v.set_size(size))
+            }
+            M::SetVringAddr(addr) => self.set_vring_addr(addr),
+            M::SetVringBase(VringState { index, num }) => {
+                let base = u16::try_from(num).map_err(|_| {
+                    Failure::Breach(format!("base {num} does not fit a split ring index"))
+                })?;
+                self.reconfigure(index, |v| v.set_next_avail(base))
+            }
+            M::GetVringBase(VringState { index, .. }) => {
+                let i = self.vring_index(index)?;
+                let vring = &mut self.vrings[i];
+                vring.pause();
+                vring.forget_kick();
+                let base = vring.next_avail();
+                info!(queue = index, base, "vring stopped by GET_VRING_BASE");
+                Ok(Reply::Payload(
+                    VringState {
+                        index,
+                        num: u32::from(base),
+                    }
+                    .encode(),
+                ))
+            }
+            M::SetVringKick { index, fd } => {
+                let kick = fd
+                    .map(|fd| eventfd_from_peer(fd, "SET_VRING_KICK"))
+                    .transpose()
+                    .map_err(Failure::Breach)?;
+                self.reconfigure(u32::from(index), |v| v.set_kick(kick))
+            }
+            M::SetVringCall { index, fd } => {
+                let call = fd
+                    .map(|fd| eventfd_from_peer(fd, "SET_VRING_CALL"))
+                    .transpose()
+                    .map_err(Failure::Breach)?;
+                let i = self.vring_index(u32::from(index))?;
+                self.vrings[i].set_call(call);
+                Ok(Reply::Ack)
+            }
+            M::SetVringErr { index, fd } => {
+                let err = fd
+                    .map(|fd| eventfd_from_peer(fd, "SET_VRING_ERR"))
+                    .transpose()
+                    .map_err(Failure::Breach)?;
+                let i = self.vring_index(u32::from(index))?;
+                self.vrings[i].set_err(err);
+                Ok(Reply::Ack)
+            }
+            M::SetVringEnable { index, enable } => {
+                self.reconfigure(index, |v| v.set_enabled(enable))
+            }
+            other => Err(Failure::Breach(format!(
+                "{} is not supported by this backend (not offered)",
+                other.request()
+            ))),
+        }
+    }
+
+    fn set_features(&mut self, features: u64) -> Result<Reply, Failure> {
+        let offered = self.backend.offered_features();
+        if features & !offered != 0 {
+            return Err(Failure::Breach(format!(
+                "acks feature bits that were not offered: {}",
+                describe_virtio_features(features & !offered)
+            )));
+        }
+        info!(
+            "virtio features acked: {}",
+            describe_virtio_features(features)
+        );
+        self.acked_features = features;
+        Ok(Reply::Ack)
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> Result<Reply, Failure> {
+        if features & !OFFERED_PROTOCOL_FEATURES != 0 {
+            return Err(Failure::Breach(format!(
+                "sets protocol bits that were not offered: {}",
+                describe_protocol_features(features & !OFFERED_PROTOCOL_FEATURES)
+            )));
+        }
+        info!(
+            "protocol features set: {}",
+            describe_protocol_features(features)
+        );
+        self.protocol_features = features;
+        Ok(Reply::Ack)
+    }
+
+    /// GET_CONFIG: the requested window of the config space. A window outside it gets an empty
+    /// reply, which is how libvhost-user says "failed" and how QEMU understands it.
+    fn get_config(&self, window: &ConfigSpace) -> Reply {
+        match self
+            .backend
+            .config
+            .read_window(window.offset, window.size())
+        {
+            Ok(bytes) => Reply::Payload(
+                ConfigSpace {
+                    offset: window.offset,
+                    flags: window.flags,
+                    payload: bytes,
+                }
+                .encode(),
+            ),
+            Err(e) => {
+                warn!("GET_CONFIG refused: {e}");
+                Reply::Payload(Vec::new())
+            }
+        }
+    }
+
+    fn set_vring_addr(&mut self, addr: VringAddr) -> Result<Reply, Failure> {
+        if addr.flags & VHOST_VRING_F_LOG != 0 {
+            return Err(Failure::Breach(
+                "used-ring logging requested, but LOG_ALL was not offered".into(),
+            ));
+        }
+        let user = UserRingAddresses {
+            desc_table: addr.desc_user_addr,
+            avail_ring: addr.avail_user_addr,
+            used_ring: addr.used_user_addr,
+        };
+        // Early, clear diagnosis when the table is already known; the full-size check happens
+        // when the ring starts (the size may still change).
+        if let Some(memory) = &self.memory {
+            for (part, at) in [
+                ("descriptor table", user.desc_table),
+                ("avail ring", user.avail_ring),
+                ("used ring", user.used_ring),
+            ] {
+                if memory.user_to_guest(at, 1).is_none() {
+                    return Err(Failure::Breach(format!(
+                        "{part} address {at:#x} is not in the memory table"
+                    )));
+                }
+            }
+        }
+        self.reconfigure(addr.index, |v| v.set_addresses(user))
+    }
+
+    fn check_ring_size(&self, num: u32) -> Result<u16, Failure> {
+        let limit = self.backend.queue_size.min(MAX_QUEUE_SIZE);
+        match u16::try_from(num) {
+            Ok(size) if size.is_power_of_two() && size <= limit => Ok(size),
+            _ => Err(Failure::Breach(format!(
+                "ring size {num} is not a power of two in 1..={limit}"
+            ))),
+        }
+    }
+
+    fn vring_index(&self, index: u32) -> Result<usize, Failure> {
+        usize::try_from(index)
+            .ok()
+            .filter(|&i| i < self.vrings.len())
+            .ok_or_else(|| {
+                Failure::Breach(format!(
+                    "queue index {index} out of range (the device has {} queues)",
+                    self.vrings.len()
+                ))
+            })
+    }
+
+    /// Pause the ring, change it, resume it if it is (still) complete.
+    fn reconfigure(
+        &mut self,
+        index: u32,
+        change: impl FnOnce(&mut Vring),
+    ) -> Result<Reply, Failure> {
+        let i = self.vring_index(index)?;
+        self.vrings[i].pause();
+        change(&mut self.vrings[i]);
+        self.resume(i);
+        Ok(Reply::Ack)
+    }
+
+    fn resume(&mut self, i: usize) {
+        let ctx = RunContext {
+            memory: self.memory.as_ref(),
+            disk: &self.backend.disk,
+            starts_disabled: has(self.acked_features, VHOST_USER_F_PROTOCOL_FEATURES),
+        };
+        self.vrings[i].resume(&ctx);
+    }
+
+    fn resume_all(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.resume(i);
+        }
+    }
+
+    /// RESET_OWNER / RESET_DEVICE: back to a fresh session (rings stopped, memory unmapped).
+    fn reset(&mut self) {
+        info!("device reset: stopping every ring and dropping the memory table");
+        self.vrings.iter_mut().for_each(Vring::pause);
+        self.vrings = (0..self.backend.num_queues).map(Vring::new).collect();
+        self.memory = None;
+        self.acked_features = 0;
+    }
+}
+
+fn u64_reply(value: u64) -> Reply {
+    Reply::Payload(U64Payload(value).encode())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blk::config::CONFIG_SPACE_SIZE;
+    use crate::blk::test_util::{guest_memory, request_header, temp_path, wait_readable, TestRing};
+    use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+    use std::time::Duration;
+    use vhost_frontend::wire::{MemoryRegion, MemoryTable, VringFdIndex, FLAG_NEED_REPLY};
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_RO, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    /// Where the fake frontend pretends guest RAM is mapped in its own address space.
+    const FRONTEND_VA: u64 = 0x7f12_3400_0000;
+
+    /// The smallest frontend that can drive the backend: raw wire messages over the socket.
+    struct FakeFrontend {
+        stream: UnixStream,
+    }
+
+    impl FakeFrontend {
+        fn send(&self, request: Request, payload: &[u8], fds: &[BorrowedFd<'_>], need_reply: bool) {
+            let header = Header::for_request(request, payload.len(), need_reply);
+            send_message(&self.stream, &header, payload, fds).expect("send");
+        }
+
+        fn recv_reply(&self, request: Request) -> Vec<u8> {
+            let (header, payload, fds) = recv_message(&self.stream).expect("reply");
+            assert_eq!(header.request, request.code(), "reply to the right request");
+            assert!(header.is_reply());
+            assert!(fds.is_empty());
+            payload
+        }
+
+        fn get_u64(&self, request: Request) -> u64 {
+            self.send(request, &[], &[], false);
+            U64Payload::decode(&self.recv_reply(request)).unwrap().0
+        }
+
+        /// Sends with NEED_REPLY and returns the ack value (0 = success).
+        fn acked(&self, request: Request, payload: &[u8], fds: &[BorrowedFd<'_>]) -> u64 {
+            self.send(request, payload, fds, true);
+            U64Payload::decode(&self.recv_reply(request)).unwrap().0
+        }
+
+        fn vring(&self, request: Request, index: u32, num: u32) -> u64 {
+            self.acked(request, &VringState { index, num }.encode(), &[])
+        }
+
+        fn vring_fd(&self, request: Request, index: u8, fd: &impl AsRawFd) -> u64 {
+            let payload = VringFdIndex {
+                index,
+                no_fd: false,
+            }
+            .encode();
+            // SAFETY: `fd` is borrowed for this call, so the descriptor stays open while sent.
+            let borrowed = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };
+            self.acked(request, &payload, &[borrowed])
+        }
+    }
+
+    fn disk_image(sectors: u64) -> PathBuf {
+        let path = temp_path("disk.img");
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(sectors * 512).unwrap();
+        path
+    }
+
+    fn spawn(path: &Path, readonly: bool) -> (FakeFrontend, JoinHandle<Result<(), BlkError>>) {
+        let (stream, handle) = BlkBackend::spawn_in_process(BlkBackendConfig {
+            path: path.to_path_buf(),
+            readonly,
+            num_queues: 2,
+            queue_size: 128,
+        })
+        .unwrap();
+        (FakeFrontend { stream }, handle)
+    }
+
+    fn handshake(fe: &FakeFrontend) {
+        let features = fe.get_u64(Request::GetFeatures);
+        assert!(has(features, 32), "VERSION_1 offered");
+        assert!(has(features, VHOST_USER_F_PROTOCOL_FEATURES));
+        fe.send(
+            Request::SetFeatures,
+            &U64Payload(features).encode(),
+            &[],
+            false,
+        );
+        let protocol = fe.get_u64(Request::GetProtocolFeatures);
+        assert_eq!(protocol, OFFERED_PROTOCOL_FEATURES);
+        fe.send(
+            Request::SetProtocolFeatures,
+            &U64Payload(protocol).encode(),
+            &[],
+            false,
+        );
+        assert_eq!(fe.acked(Request::SetOwner, &[], &[]), 0);
+        assert_eq!(fe.get_u64(Request::GetQueueNum), 2);
+    }
+
+    /// Sends the memory table and sets queue 0 up on `ring`; returns the kick and call eventfds.
+    fn start_queue(
+        fe: &FakeFrontend,
+        ram: &std::fs::File,
+        ram_size: u64,
+        ring: &TestRing,
+    ) -> (EventFd, EventFd) {
+        let table = MemoryTable {
+            regions: vec![MemoryRegion {
+                guest_phys_addr: 0,
+                memory_size: ram_size,
+                userspace_addr: FRONTEND_VA,
+                mmap_offset: 0,
+            }],
+        };
+        assert_eq!(
+            fe.acked(Request::SetMemTable, &table.encode(), &[ram.as_fd()]),
+            0
+        );
+        assert_eq!(fe.vring(Request::SetVringNum, 0, u32::from(ring.size)), 0);
+        assert_eq!(fe.vring(Request::SetVringBase, 0, 0), 0);
+        let addr = VringAddr {
+            index: 0,
+            flags: 0,
+            desc_user_addr: FRONTEND_VA + ring.rings.desc_table.0,
+            used_user_addr: FRONTEND_VA + ring.rings.used_ring.0,
+            avail_user_addr: FRONTEND_VA + ring.rings.avail_ring.0,
+            log_guest_addr: 0,
+        };
+        assert_eq!(fe.acked(Request::SetVringAddr, &addr.encode(), &[]), 0);
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        assert_eq!(fe.vring_fd(Request::SetVringKick, 0, &kick), 0);
+        assert_eq!(fe.vring_fd(Request::SetVringCall, 0, &call), 0);
+        assert_eq!(fe.vring(Request::SetVringEnable, 0, 1), 0);
+        (kick, call)
+    }
+
+    fn wait_call(call: &EventFd) {
+        assert!(
+            wait_readable(call, Duration::from_secs(10)),
+            "no interrupt from the backend"
+        );
+        call.read().unwrap();
+    }
+
+    #[test]
+    fn fake_frontend_writes_and_reads_through_the_protocol() {
+        let path = disk_image(64);
+        let (fe, backend) = spawn(&path, false);
+        handshake(&fe);
+
+        let config = fe.recv_config(0, CONFIG_SPACE_SIZE as u32);
+        assert_eq!(&config[0..8], &64u64.to_le_bytes(), "capacity in sectors");
+
+        let ram_size = 0x20_0000;
+        let (mem, ram) = guest_memory(ram_size);
+        let g = mem.guest().clone();
+        let mut ring = TestRing::new(128, 0x1000);
+        let (kick, call) = start_queue(&fe, &ram, ram_size, &ring);
+
+        // Write 1 KiB at sector 2.
+        let pattern: Vec<u8> = (0..1024u32).map(|i| (i % 253) as u8).collect();
+        g.write_slice(&request_header(VIRTIO_BLK_T_OUT, 2), GuestAddress(0x10000))
+            .unwrap();
+        g.write_slice(&pattern, GuestAddress(0x11000)).unwrap();
+        ring.add_chain(
+            &g,
+            &[
+                (0x10000, 16, false),
+                (0x11000, 1024, false),
+                (0x12000, 1, true),
+            ],
+        );
+        kick.write(1).unwrap();
+        wait_call(&call);
+        assert_eq!(ring.used_idx(&g), 1);
+        assert_eq!(
+            g.read_obj::<u8>(GuestAddress(0x12000)).unwrap(),
+            0,
+            "status OK"
+        );
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(
+            &on_disk[1024..2048],
+            &pattern[..],
+            "the file holds the written bytes"
+        );
+
+        // Read it back into other buffers.
+        g.write_slice(&request_header(VIRTIO_BLK_T_IN, 2), GuestAddress(0x13000))
+            .unwrap();
+        ring.add_chain(
+            &g,
+            &[
+                (0x13000, 16, false),
+                (0x14000, 1024, true),
+                (0x15000, 1, true),
+            ],
+        );
+        kick.write(1).unwrap();
+        wait_call(&call);
+        let mut read_back = vec![0u8; 1024];
+        g.read_slice(&mut read_back, GuestAddress(0x14000)).unwrap();
+        assert_eq!(read_back, pattern);
+        assert_eq!(ring.used_elem(&g, 1).1, 1025);
+
+        // GET_VRING_BASE stops the ring and says where.
+        fe.send(
+            Request::GetVringBase,
+            &VringState { index: 0, num: 0 }.encode(),
+            &[],
+            false,
+        );
+        let base = VringState::decode(&fe.recv_reply(Request::GetVringBase)).unwrap();
+        assert_eq!(base, VringState { index: 0, num: 2 });
+
+        // A stopped ring serves nothing until it gets a (new) kick fd; then it resumes.
+        g.write_slice(&request_header(VIRTIO_BLK_T_IN, 0), GuestAddress(0x16000))
+            .unwrap();
+        ring.add_chain(
+            &g,
+            &[
+                (0x16000, 16, false),
+                (0x17000, 512, true),
+                (0x18000, 1, true),
+            ],
+        );
+        kick.write(1).unwrap();
+        assert!(
+            !wait_readable(&call, Duration::from_millis(100)),
+            "stopped ring must not run"
+        );
+        assert_eq!(fe.vring(Request::SetVringBase, 0, 2), 0);
+        let new_kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        assert_eq!(fe.vring_fd(Request::SetVringKick, 0, &new_kick), 0);
+        wait_call(&call);
+        assert_eq!(ring.used_idx(&g), 3);
+
+        drop(fe);
+        backend
+            .join()
+            .unwrap()
+            .expect("a hang-up ends the session with Ok");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    impl FakeFrontend {
+        fn recv_config(&self, offset: u32, size: u32) -> Vec<u8> {
+            self.send(
+                Request::GetConfig,
+                &ConfigSpace::request(offset, size).unwrap().encode(),
+                &[],
+                false,
+            );
+            let reply = self.recv_reply(Request::GetConfig);
+            if reply.is_empty() {
+                return reply;
+            }
+            let space = ConfigSpace::decode(&reply).unwrap();
+            assert_eq!((space.offset, space.size()), (offset, size));
+            space.payload
+        }
+    }
+
+    #[test]
+    fn bad_messages_get_failure_acks_and_the_session_goes_on() {
+        let path = disk_image(8);
+        let (fe, backend) = spawn(&path, false);
+        handshake(&fe);
+
+        // Unknown request code with NEED_REPLY.
+        let header = Header {
+            request: 99,
+            flags: VERSION | FLAG_NEED_REPLY,
+            size: 0,
+        };
+        send_message(&fe.stream, &header, &[], &[]).unwrap();
+        let (reply, payload, _) = recv_message(&fe.stream).unwrap();
+        assert_eq!(
+            (reply.request, U64Payload::decode(&payload).unwrap().0),
+            (99, 1)
+        );
+
+        assert_ne!(
+            fe.vring(Request::SetVringNum, 7, 128),
+            0,
+            "queue index out of range"
+        );
+        assert_ne!(
+            fe.vring(Request::SetVringNum, 0, 100),
+            0,
+            "not a power of two"
+        );
+        assert_ne!(
+            fe.vring(Request::SetVringNum, 0, 256),
+            0,
+            "beyond queue_size"
+        );
+        assert_ne!(
+            fe.vring(Request::SetVringBase, 0, 70000),
+            0,
+            "base beyond u16"
+        );
+        assert_ne!(
+            fe.acked(
+                Request::SetProtocolFeatures,
+                &U64Payload(1 << 12).encode(),
+                &[]
+            ),
+            0,
+            "INFLIGHT_SHMFD was not offered"
+        );
+        assert_ne!(
+            fe.acked(Request::SetFeatures, &U64Payload(1 << 34).encode(), &[]),
+            0
+        );
+        // A kick "eventfd" that is a plain file.
+        let not_an_eventfd = crate::blk::test_util::memfd("kick", 8);
+        assert_ne!(fe.vring_fd(Request::SetVringKick, 0, &not_an_eventfd), 0);
+        // A memory region larger than its fd.
+        let ram = crate::blk::test_util::memfd("ram", 0x1000);
+        let table = MemoryTable {
+            regions: vec![MemoryRegion {
+                guest_phys_addr: 0,
+                memory_size: 0x10_0000,
+                userspace_addr: FRONTEND_VA,
+                mmap_offset: 0,
+            }],
+        };
+        assert_ne!(
+            fe.acked(Request::SetMemTable, &table.encode(), &[ram.as_fd()]),
+            0
+        );
+        // Wrong fd count for the table (decode error, framing intact).
+        assert_ne!(fe.acked(Request::SetMemTable, &table.encode(), &[]), 0);
+        // Messages this backend does not do.
+        assert_ne!(
+            fe.acked(Request::SetStatus, &U64Payload(0xf).encode(), &[]),
+            0
+        );
+        // GET_CONFIG outside the space: an empty reply; inside: the bytes.
+        assert!(fe.recv_config(90, 10).is_empty());
+        assert_eq!(fe.recv_config(34, 2), 2u16.to_le_bytes());
+        // SET_CONFIG without NEED_REPLY is refused quietly; the session goes on.
+        fe.send(
+            Request::SetConfig,
+            &ConfigSpace {
+                offset: 0,
+                flags: 0,
+                payload: vec![1],
+            }
+            .encode(),
+            &[],
+            false,
+        );
+        assert_eq!(fe.get_u64(Request::GetQueueNum), 2);
+
+        // Without NEED_REPLY, a bad message ends the session.
+        fe.send(
+            Request::SetVringNum,
+            &VringState { index: 9, num: 128 }.encode(),
+            &[],
+            false,
+        );
+        assert!(matches!(
+            recv_message(&fe.stream),
+            Err(WireError::PeerGone(_))
+        ));
+        assert!(matches!(
+            backend.join().unwrap(),
+            Err(BlkError::Protocol(_))
+        ));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn readonly_backend_offers_the_ro_bit() {
+        let path = disk_image(8);
+        let (fe, backend) = spawn(&path, true);
+        assert!(has(fe.get_u64(Request::GetFeatures), VIRTIO_BLK_F_RO));
+        drop(fe);
+        backend.join().unwrap().unwrap();
+        let (fe, backend) = spawn(&path, false);
+        assert!(!has(fe.get_u64(Request::GetFeatures), VIRTIO_BLK_F_RO));
+        drop(fe);
+        backend.join().unwrap().unwrap();
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn open_refuses_bad_configurations() {
+        let path = disk_image(8);
+        let cfg = |num_queues, queue_size| BlkBackendConfig {
+            path: path.clone(),
+            readonly: false,
+            num_queues,
+            queue_size,
+        };
+        assert!(matches!(
+            BlkBackend::open(cfg(0, 128)),
+            Err(BlkError::InvalidConfig(_))
+        ));
+        assert!(matches!(
+            BlkBackend::open(cfg(65, 128)),
+            Err(BlkError::InvalidConfig(_))
+        ));
+        assert!(matches!(
+            BlkBackend::open(cfg(1, 100)),
+            Err(BlkError::InvalidConfig(_))
+        ));
+        assert!(BlkBackend::open(cfg(1, 128)).is_ok());
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            BlkBackend::open(cfg(1, 128)),
+            Err(BlkError::OpenDisk { .. })
+        ));
+    }
+
+    #[test]
+    fn listener_serves_one_frontend_after_another() {
+        let path = disk_image(8);
+        let socket = temp_path("blk.sock");
+        let cfg = BlkBackendConfig {
+            path: path.clone(),
+            readonly: false,
+            num_queues: 1,
+            queue_size: 128,
+        };
+        let socket_for_thread = socket.clone();
+        // The listener runs for ever; the thread is left behind when the test ends.
+        thread::spawn(move || BlkBackend::listen(cfg, &socket_for_thread));
+        for _ in 0..2 {
+            let stream = (0..500)
+                .find_map(|_| {
+                    UnixStream::connect(&socket)
+                        .map_err(|_| thread::sleep(Duration::from_millis(10)))
+                        .ok()
+                })
+                .expect("listener up");
+            let fe = FakeFrontend { stream };
+            assert_eq!(fe.get_u64(Request::GetQueueNum), 1);
+        }
+        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(&socket).unwrap();
+    }
+}

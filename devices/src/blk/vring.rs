@@ -1,0 +1,219 @@
+//! The backend's view of one vring: what the frontend has told us so far (size, addresses, base,
+//! eventfds, enabled) and whether a worker serves it right now.
+//!
+//! A ring runs when it has everything it needs: a memory table, a size, addresses, a kick fd, and
+//! is enabled. Any message that changes one of those first pauses the worker (which drains its
+//! in-flight requests and remembers the next avail index), applies the change, then resumes if the
+//! ring is still complete. So the order of SET_VRING_* messages does not matter, a kick fd can be
+//! replaced, and a ring can be stopped (GET_VRING_BASE) and started again.
+
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::Arc;
+
+use tracing::{info, warn};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::disk::Disk;
+use super::memory::MappedMemory;
+use super::queue_worker::{Notifier, QueueSetup, QueueWorker, RingAddresses};
+
+/// Ring addresses as the frontend sends them: in *its* virtual address space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserRingAddresses {
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl UserRingAddresses {
+    /// Translates through the memory table; every part must lie wholly inside one region.
+    pub fn translate(&self, memory: &MappedMemory, size: u16) -> Option<RingAddresses> {
+        let n = u64::from(size);
+        // Split-ring sizes (virtio 1.x §2.7): 16 bytes per descriptor; avail and used have a
+        // 4-byte header, an entry per descriptor (2 resp. 8 bytes) and a 2-byte event field.
+        Some(RingAddresses {
+            desc_table: memory.user_to_guest(self.desc_table, 16 * n)?,
+            avail_ring: memory.user_to_guest(self.avail_ring, 6 + 2 * n)?,
+            used_ring: memory.user_to_guest(self.used_ring, 6 + 8 * n)?,
+        })
+    }
+}
+
+/// What a vring needs from the device around it to start.
+pub struct RunContext<'a> {
+    pub memory: Option<&'a MappedMemory>,
+    pub disk: &'a Arc<Disk>,
+    /// With VHOST_USER_F_PROTOCOL_FEATURES negotiated a ring starts disabled and waits for
+    /// SET_VRING_ENABLE 1; without it, a ring is enabled as soon as it is started (spec).
+    pub starts_disabled: bool,
+}
+
+#[derive(Debug)]
+pub struct Vring {
+    index: u16,
+    size: Option<u16>,
+    addresses: Option<UserRingAddresses>,
+    next_avail: u16,
+    kick: Option<EventFd>,
+    call: Arc<Notifier>,
+    err: Arc<Notifier>,
+    enabled: bool,
+    worker: Option<QueueWorker>,
+}
+
+impl Vring {
+    pub fn new(index: u16) -> Self {
+        Vring {
+            index,
+            size: None,
+            addresses: None,
+            next_avail: 0,
+            kick: None,
+            call: Arc::new(Notifier::default()),
+            err: Arc::new(Notifier::default()),
+            enabled: false,
+            worker: None,
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.worker.is_some()
+    }
+
+    /// Stops the worker, if any, keeping the avail index it reached.
+    pub fn pause(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            self.next_avail = worker.stop();
+        }
+    }
+
+    /// Starts a worker if the ring is complete, enabled and not running yet. A ring the guest
+    /// placed outside its memory is not a protocol error: it is logged, the err fd is written,
+    /// and the ring stays stopped until the frontend changes something.
+    pub fn resume(&mut self, ctx: &RunContext<'_>) {
+        if self.worker.is_some() || (ctx.starts_disabled && !self.enabled) {
+            return;
+        }
+        let (Some(memory), Some(size), Some(addresses), Some(kick)) =
+            (ctx.memory, self.size, self.addresses, self.kick.as_ref())
+        else {
+            return;
+        };
+        let Some(rings) = addresses.translate(memory, size) else {
+            warn!(
+                queue = self.index,
+                "vring addresses {addresses:x?} (size {size}) are not inside the memory table; ring not started"
+            );
+            self.err.signal();
+            return;
+        };
+        let kick = match kick.try_clone() {
+            Ok(kick) => kick,
+            Err(e) => {
+                warn!(queue = self.index, "cannot duplicate the kick fd: {e}");
+                self.err.signal();
+                return;
+            }
+        };
+        let setup = QueueSetup {
+            index: self.index,
+            size,
+            rings,
+            next_avail: self.next_avail,
+            kick,
+            call: Arc::clone(&self.call),
+            err: Arc::clone(&self.err),
+        };
+        match QueueWorker::start(setup, Arc::clone(memory.guest()), Arc::clone(ctx.disk)) {
+            Ok(worker) => {
+                info!(
+                    queue = self.index,
+                    size,
+                    next_avail = self.next_avail,
+                    "vring started"
+                );
+                self.worker = Some(worker);
+            }
+            Err(e) => {
+                warn!("vring not started: {e}");
+                self.err.signal();
+            }
+        }
+    }
+
+    // Setters: the caller pauses the ring before and resumes it after (see `Vring` docs).
+
+    pub fn set_size(&mut self, size: u16) {
+        self.size = Some(size);
+    }
+
+    pub fn set_addresses(&mut self, addresses: UserRingAddresses) {
+        self.addresses = Some(addresses);
+    }
+
+    pub fn set_next_avail(&mut self, next_avail: u16) {
+        self.next_avail = next_avail;
+    }
+
+    pub fn next_avail(&self) -> u16 {
+        self.next_avail
+    }
+
+    pub fn set_enabled(&mut self, enabled: bool) {
+        self.enabled = enabled;
+    }
+
+    /// `None`: the frontend set the "no fd" bit, asking us to poll the ring, which this backend
+    /// does not do; the ring then waits for a kick fd.
+    pub fn set_kick(&mut self, kick: Option<EventFd>) {
+        if kick.is_none() {
+            warn!(
+                queue = self.index,
+                "SET_VRING_KICK without an fd (polling mode) is not supported; ring stays stopped"
+            );
+        }
+        self.kick = kick;
+    }
+
+    /// The ring is stopped (GET_VRING_BASE): it starts again only with a new kick fd.
+    pub fn forget_kick(&mut self) {
+        self.kick = None;
+    }
+
+    /// Replaced in place: a running worker picks the new fd up at its next completion.
+    pub fn set_call(&self, call: Option<EventFd>) {
+        self.call.set(call);
+    }
+
+    pub fn set_err(&self, err: Option<EventFd>) {
+        self.err.set(err);
+    }
+}
+
+/// Turns an fd from the frontend into an EventFd, refusing anything that is not an eventfd: a
+/// pipe or a regular file would behave differently under poll/read/write (a file is always
+/// readable, so a kick "file" would make the dispatcher spin). Kick fds are made non-blocking so a
+/// frontend that drains its own eventfd cannot leave a dispatcher stuck in read().
+pub fn eventfd_from_peer(fd: OwnedFd, what: &'static str) -> Result<EventFd, String> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| format!("{what}: cannot inspect the fd: {e}"))?;
+    if link.as_os_str() != "anon_inode:[eventfd]" {
+        return Err(format!(
+            "{what}: the fd is not an eventfd ({})",
+            link.display()
+        ));
+    }
+    let raw = fd.into_raw_fd();
+    // SAFETY: `raw` came from an OwnedFd we just gave up, so the EventFd is its only owner.
+    let eventfd = unsafe { EventFd::from_raw_fd(raw) };
+    // SAFETY: fcntl on an fd we own, with integer arguments only.
+    let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(format!(
+            "{what}: cannot make the eventfd non-blocking: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(eventfd)
+}
