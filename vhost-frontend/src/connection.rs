@@ -71,7 +71,10 @@ impl FrontendError {
 
     fn from_wire(message: &'static str, err: WireError) -> FrontendError {
         match err {
-            WireError::PeerGone(_) => FrontendError::PeerGone { during: message },
+            WireError::PeerGone(how) => {
+                tracing::debug!(target: "vhost", "{message}: {how}");
+                FrontendError::PeerGone { during: message }
+            }
             WireError::Protocol(e) => FrontendError::Protocol {
                 message,
                 detail: e.to_string(),

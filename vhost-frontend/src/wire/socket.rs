@@ -47,7 +47,11 @@ pub fn send_message(
     let mut sent = send_some(stream, &bytes, &raw_fds)?;
     // A stream socket may take fewer bytes than offered; the fds went with the first chunk.
     while sent < bytes.len() {
-        sent += send_some(stream, &bytes[sent..], &[])?;
+        match send_some(stream, &bytes[sent..], &[])? {
+            // A stream socket never accepts 0 of a non-empty buffer without an error; don't spin.
+            0 => return Err(WireError::PeerGone(PeerGone::BrokenPipe)),
+            n => sent += n,
+        }
     }
     Ok(())
 }
@@ -138,7 +142,8 @@ fn recv_some(
         let header = unsafe { &*cmsg };
         if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS {
             // SAFETY: CMSG_LEN only computes a size.
-            let data_len = header.cmsg_len as usize - unsafe { libc::CMSG_LEN(0) } as usize;
+            let data_len =
+                (header.cmsg_len as usize).saturating_sub(unsafe { libc::CMSG_LEN(0) } as usize);
             let count = data_len / size_of::<libc::c_int>();
             // SAFETY: CMSG_DATA points at data_len bytes inside `control`.
             let data = unsafe { libc::CMSG_DATA(cmsg) } as *const libc::c_int;
