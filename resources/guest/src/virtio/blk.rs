@@ -48,8 +48,9 @@ const STATUS_UNSUPP: u8 = 2;
 /// a request without writing the status is caught.
 const STATUS_UNWRITTEN: u8 = 0xff;
 
-/// How long one completion may take before the driver gives up.
-const COMPLETION_TIMEOUT_MS: u64 = 10_000;
+/// How long one completion may take before the driver gives up (generous:
+/// reconnect tests restart the backend while requests are in flight).
+const COMPLETION_TIMEOUT_MS: u64 = 30_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
