@@ -9,4 +9,5 @@ pub mod layout;
 pub mod legacy;
 pub mod memory;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;

@@ -19,6 +19,7 @@ use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, SERIAL_GSI};
 use crate::legacy::LegacyIo;
 use crate::memory::{GuestRam, MemoryError};
 use crate::vcpu::Vcpu;
+use crate::virtio;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -34,6 +35,8 @@ pub enum VmError {
     Cpu(#[from] cpu::CpuError),
     #[error(transparent)]
     Devices(#[from] DeviceManagerError),
+    #[error(transparent)]
+    Virtio(#[from] virtio::VirtioError),
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
     #[error("cannot start vCPU thread: {0}")]
@@ -62,6 +65,7 @@ pub struct Vm {
     devices: DeviceManager,
     vcpus: Vec<Vcpu<Stdout>>,
     io: Arc<Mutex<LegacyIo<Stdout>>>,
+    _fallback_threads: virtio::FallbackThreads,
 }
 
 impl Vm {
@@ -106,7 +110,9 @@ impl Vm {
             std::io::stdout(),
         ))));
 
-        let devices = DeviceManager::default();
+        let mut devices = DeviceManager::default();
+        let fallback_threads =
+            virtio::attach_blk_devices(&vm, ram.memory(), &mut devices, &cfg.blk, cfg.trace_vhost)?;
         let mut cmdline = cfg.cmdline.clone();
         let frag = devices.cmdline_fragment();
         if !frag.is_empty() {
@@ -121,7 +127,7 @@ impl Vm {
             &devices.devices,
         )?;
 
-        let bus = Arc::new(std::mem::take(&mut DeviceManager::default().bus));
+        let bus = Arc::new(std::mem::take(&mut devices.bus));
         let mut vcpus = Vec::new();
         for id in 0..cfg.cpus {
             let fd = vm
@@ -150,6 +156,7 @@ impl Vm {
             devices,
             vcpus,
             io,
+            _fallback_threads: fallback_threads,
         })
     }
 

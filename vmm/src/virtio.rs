@@ -1,0 +1,179 @@
+//! Attaching virtio devices whose queues a vhost-user backend serves: connect (or start the
+//! in-process fallback), handshake, wrap in a virtio-mmio transport, and wire the data path
+//! into KVM so that it never passes through this process:
+//!   guest write to QueueNotify → KVM ioeventfd → backend's kick fd,
+//!   backend's call fd → KVM irqfd → guest interrupt.
+
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+use devices::blk::backend::{BlkBackend, BlkBackendConfig, BlkError};
+use devices::virtio_mmio::{
+    DeviceKind, MemoryTable, MmioTransport, VhostUserDevice, VhostUserDeviceOptions, QUEUE_NOTIFY,
+};
+use vhost_frontend::connection::Frontend;
+
+use crate::boot::acpi::MmioDeviceInfo;
+use crate::config::BlkConfig;
+use crate::device_manager::{DeviceManager, MmioDevice};
+
+/// Queue size we offer the guest for blk devices (QEMU's vhost-user-blk default is 128).
+pub const BLK_QUEUE_SIZE: u16 = 256;
+/// A backend that takes longer than this to answer a control message is treated as hung.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    #[error("blk device {index} ({what}): cannot start the in-process backend: {source}")]
+    Fallback {
+        index: usize,
+        what: String,
+        source: BlkError,
+    },
+    #[error("blk device {index}: cannot connect to vhost-user backend at {path}: {source}")]
+    Connect {
+        index: usize,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("blk device {index} ({what}): {detail}")]
+    Device {
+        index: usize,
+        what: String,
+        detail: String,
+    },
+    #[error("blk device {index}: KVM ioctl {ioctl} failed: {source}")]
+    Kvm {
+        index: usize,
+        ioctl: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    DeviceManager(#[from] crate::device_manager::DeviceManagerError),
+}
+
+impl MmioDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        MmioTransport::read(self, offset, data)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        MmioTransport::write(self, offset, data)
+    }
+}
+
+/// "error: cause: cause" on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Backends started in this process; they end when their connection closes.
+pub type FallbackThreads = Vec<JoinHandle<Result<(), BlkError>>>;
+
+/// Adds one virtio-blk device per `--blk`, returning the in-process backend threads.
+pub fn attach_blk_devices(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    dm: &mut DeviceManager,
+    blks: &[BlkConfig],
+    trace: bool,
+) -> Result<FallbackThreads, VirtioError> {
+    let mut threads = Vec::new();
+    for (index, blk) in blks.iter().enumerate() {
+        let (stream, what): (UnixStream, String) = match blk {
+            BlkConfig::InProcess { path, readonly } => {
+                let what = format!("in-process backend for {}", path.display());
+                let cfg = BlkBackendConfig {
+                    path: path.clone(),
+                    readonly: *readonly,
+                    num_queues: 1,
+                    queue_size: BLK_QUEUE_SIZE,
+                };
+                let (s, t) =
+                    BlkBackend::spawn_in_process(cfg).map_err(|source| VirtioError::Fallback {
+                        index,
+                        what: what.clone(),
+                        source,
+                    })?;
+                threads.push(t);
+                (s, what)
+            }
+            BlkConfig::Socket { path } => {
+                let p = path.display().to_string();
+                let s = UnixStream::connect(path).map_err(|source| VirtioError::Connect {
+                    index,
+                    path: p.clone(),
+                    source,
+                })?;
+                (s, format!("backend at {p}"))
+            }
+        };
+        let info = dm.allocate()?;
+        let transport = blk_transport(index, &what, stream, mem, trace)?;
+        wire_into_kvm(vm, index, &info, &transport)?;
+        dm.attach(info, Arc::new(Mutex::new(transport)));
+    }
+    Ok(threads)
+}
+
+fn blk_transport(
+    index: usize,
+    what: &str,
+    stream: UnixStream,
+    mem: &GuestMemoryMmap,
+    trace: bool,
+) -> Result<MmioTransport, VirtioError> {
+    let dev_err = |detail: String| VirtioError::Device {
+        index,
+        what: what.to_string(),
+        detail,
+    };
+    let mut frontend = Frontend::from_stream(stream, format!("blk{index}"));
+    frontend.set_trace(trace);
+    frontend
+        .set_reply_timeout(Some(REPLY_TIMEOUT))
+        .map_err(|e| dev_err(chain(&e)))?;
+    let table = MemoryTable::from_guest_memory(mem).map_err(|e| dev_err(chain(&e)))?;
+    let opts = VhostUserDeviceOptions {
+        num_queues: 1,
+        queue_size: BLK_QUEUE_SIZE,
+    };
+    let device = VhostUserDevice::new(Box::new(frontend), DeviceKind::BLOCK, table, opts)
+        .map_err(|e| dev_err(chain(&e)))?;
+    MmioTransport::new(Box::new(device), mem.clone()).map_err(|e| dev_err(chain(&e)))
+}
+
+fn wire_into_kvm(
+    vm: &VmFd,
+    index: usize,
+    info: &MmioDeviceInfo,
+    t: &MmioTransport,
+) -> Result<(), VirtioError> {
+    let kvm_err = |ioctl, source| VirtioError::Kvm {
+        index,
+        ioctl,
+        source,
+    };
+    for (q, kick) in t.queue_kick_fds().iter().enumerate() {
+        // The driver writes the queue index to QueueNotify; datamatch routes it to that queue's fd.
+        vm.register_ioevent(
+            kick,
+            &IoEventAddress::Mmio(info.base + QUEUE_NOTIFY),
+            q as u32,
+        )
+        .map_err(|e| kvm_err("KVM_IOEVENTFD", e))?;
+    }
+    vm.register_irqfd(t.call_fd(), info.gsi)
+        .map_err(|e| kvm_err("KVM_IRQFD", e))
+}
