@@ -63,11 +63,17 @@ fn queue_depth(disk: &BlkDevice, qd: u16) -> Result<usize, Failure> {
     Ok(depth)
 }
 
+/// Long runs print a progress line this often (completions), so a test that
+/// disturbs the backend mid-run can see that I/O is under way.
+const PROGRESS_EVERY: u64 = 4096;
+
 /// Run requests 0..total with at most `depth` in flight. `prepare` fills slot
 /// `slot` for request `i` and says what to submit; `finish` checks a request
-/// once the device completed it.
+/// once the device completed it. `progress`: the prefix of progress lines
+/// (None: silent, as the timed bench loop is).
 fn pipeline(
     disk: &mut BlkDevice,
+    progress: Option<&str>,
     total: u64,
     depth: usize,
     mut prepare: impl FnMut(&mut BlkDevice, usize, u64) -> (Op, u64),
@@ -99,6 +105,11 @@ fn pipeline(
         free_slots[free] = slot;
         free += 1;
         completed += 1;
+        if let Some(prefix) = progress {
+            if completed.is_multiple_of(PROGRESS_EVERY) && completed < total {
+                println!("{prefix} progress={completed}/{total}");
+            }
+        }
     }
     Ok(())
 }
@@ -120,6 +131,7 @@ pub fn write_verify(config: &Config) -> Outcome {
     // Write: request i writes block start+i as sequence number i.
     pipeline(
         &mut disk,
+        Some("blk-write-verify: write"),
         blocks,
         depth,
         |disk, slot, i| {
@@ -129,13 +141,21 @@ pub fn write_verify(config: &Config) -> Outcome {
         |_, _, _| Ok(()),
     )?;
     if disk.can_flush() {
-        pipeline(&mut disk, 1, 1, |_, _, _| (Op::Flush, 0), |_, _, _| Ok(()))?;
+        pipeline(
+            &mut disk,
+            None,
+            1,
+            1,
+            |_, _, _| (Op::Flush, 0),
+            |_, _, _| Ok(()),
+        )?;
     }
 
     // Read back into a poisoned buffer, so stale memory cannot pass.
     let mut verified = 0;
     pipeline(
         &mut disk,
+        Some("blk-write-verify: read"),
         blocks,
         depth,
         |disk, slot, i| {
@@ -187,6 +207,7 @@ pub fn bench(config: &Config) -> Outcome {
     let started = Instant::now();
     pipeline(
         &mut disk,
+        None,
         options.reqs,
         depth,
         |_, _, _| (op, xorshift64(&mut rng) % capacity),

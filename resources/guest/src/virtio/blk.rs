@@ -95,6 +95,7 @@ pub enum BlkError {
         blk_size: u32,
     },
     DmaInUse,
+    ConfigUnstable,
     Interrupt(apic::ApicError),
     NoInterruptVector {
         index: usize,
@@ -156,6 +157,12 @@ impl core::fmt::Display for BlkError {
                 write!(
                     f,
                     "device block size {blk_size} exceeds the 4096-byte requests"
+                )
+            }
+            BlkError::ConfigUnstable => {
+                write!(
+                    f,
+                    "ConfigGeneration kept changing while reading the capacity"
                 )
             }
             BlkError::DmaInUse => write!(f, "the driver's DMA memory is already in use"),
@@ -308,7 +315,9 @@ impl BlkDevice {
                 return fail(BlkError::BlockSizeTooLarge { blk_size });
             }
         }
-        let capacity_sectors = transport.config_read64(CONFIG_CAPACITY);
+        let Some(capacity_sectors) = transport.config_read64(CONFIG_CAPACITY) else {
+            return fail(BlkError::ConfigUnstable);
+        };
 
         transport.select_queue(0);
         if transport.queue_ready() {

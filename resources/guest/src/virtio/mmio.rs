@@ -40,6 +40,8 @@ pub mod status {
     pub const FAILED: u32 = 0x80;
 }
 
+/// How many times to re-read a configuration field that keeps changing.
+const CONFIG_READ_TRIES: u32 = 100;
 /// How many reads of Status to wait for a reset to finish.
 const RESET_POLLS: u32 = 1_000_000;
 
@@ -154,15 +156,15 @@ impl Transport {
 
     /// Read a 64-bit configuration field consistently: retry while the
     /// device changes its configuration under us (ConfigGeneration moves).
-    pub fn config_read64(&self, offset: u64) -> u64 {
-        loop {
+    /// None if it never holds still.
+    pub fn config_read64(&self, offset: u64) -> Option<u64> {
+        (0..CONFIG_READ_TRIES).find_map(|_| {
             let before = self.read(CONFIG_GENERATION);
             let low = self.read(CONFIG + offset);
             let high = self.read(CONFIG + offset + 4);
-            if self.read(CONFIG_GENERATION) == before {
-                return u64::from(high) << 32 | u64::from(low);
-            }
-        }
+            (self.read(CONFIG_GENERATION) == before)
+                .then_some(u64::from(high) << 32 | u64::from(low))
+        })
     }
 
     pub fn config_read32(&self, offset: u64) -> u32 {
