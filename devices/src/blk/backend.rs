@@ -268,7 +268,7 @@ impl<'a> Session<'a> {
                 }
             };
             let request = message.request();
-            debug!(target: "vhost", "vhost-user backend <- {request} {message:?}");
+            debug!(target: "vhost", "vhost-user backend <- {request} {}", summary(&message));
             match self.handle(message) {
                 Ok(reply) => self.reply(request, &header, reply)?,
                 Err(failure) => self.fail(&header, failure)?,
@@ -570,6 +570,20 @@ impl<'a> Session<'a> {
         self.vrings = (0..self.backend.num_queues).map(Vring::new).collect();
         self.memory = None;
         self.acked_features = 0;
+    }
+}
+
+/// One line per message for the debug log; config payloads are summarised, not dumped.
+fn summary(message: &FrontendMessage) -> String {
+    match message {
+        FrontendMessage::GetConfig(c) | FrontendMessage::SetConfig(c) => {
+            format!("offset={} size={} flags={}", c.offset, c.size(), c.flags)
+        }
+        FrontendMessage::SetFeatures(f) => format!("{f:#x} ({})", describe_virtio_features(*f)),
+        FrontendMessage::SetProtocolFeatures(f) => {
+            format!("{f:#x} ({})", describe_protocol_features(*f))
+        }
+        other => format!("{other:?}"),
     }
 }
 

@@ -19,4 +19,6 @@ pub mod vring;
 pub use backend::{BlkBackend, BlkBackendConfig, BlkError};
 
 #[cfg(test)]
+mod interop_tests;
+#[cfg(test)]
 pub(crate) mod test_util;

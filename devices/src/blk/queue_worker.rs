@@ -19,6 +19,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::{self, JoinHandle};
@@ -110,6 +111,9 @@ pub enum QueueError {
 #[derive(Debug)]
 struct QueueShared {
     index: u16,
+    /// Set before the stop eventfd is written: a guest that keeps the avail ring full must not
+    /// keep the dispatcher from noticing the stop.
+    stopping: AtomicBool,
     queue: Mutex<Queue>,
     mem: Arc<GuestMemoryMmap>,
     disk: Arc<Disk>,
@@ -140,6 +144,7 @@ impl QueueWorker {
         let stop_for_thread = stop.try_clone().map_err(os_err)?;
         let shared = Arc::new(QueueShared {
             index,
+            stopping: AtomicBool::new(false),
             queue: Mutex::new(queue),
             mem,
             disk,
@@ -169,6 +174,7 @@ impl QueueWorker {
     }
 
     fn stop_inner(&mut self) -> u16 {
+        self.shared.stopping.store(true, Ordering::Release);
         if let Err(e) = self.stop.write(1) {
             error!(queue = self.index, "cannot signal the queue to stop: {e}");
         }
@@ -217,9 +223,7 @@ fn build_queue(setup: &QueueSetup, mem: &GuestMemoryMmap) -> Result<Queue, Queue
     queue.set_next_avail(setup.next_avail);
     // Every request consumed before this start has been completed (stop drains), so the used
     // ring's own index is where the next completion goes.
-    let used_idx = queue
-        .used_idx(mem, std::sync::atomic::Ordering::Acquire)
-        .map_err(bad)?;
+    let used_idx = queue.used_idx(mem, Ordering::Acquire).map_err(bad)?;
     queue.set_next_used(used_idx.0);
     Ok(queue)
 }
@@ -301,7 +305,7 @@ fn serve_kicks(
 /// Pops every available chain and hands it on. Returns false when the ring is broken (the guest
 /// published an impossible avail index): the queue then stops serving and the err fd is written.
 fn fetch_and_send(shared: &QueueShared, sender: &SyncSender<BlkRequest>) -> bool {
-    loop {
+    while !shared.stopping.load(Ordering::Acquire) {
         let chains = match fetch_chains(shared) {
             Ok(chains) => chains,
             Err(e) => {
@@ -322,6 +326,7 @@ fn fetch_and_send(shared: &QueueShared, sender: &SyncSender<BlkRequest>) -> bool
             }
         }
     }
+    true
 }
 
 fn fetch_chains(
