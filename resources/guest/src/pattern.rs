@@ -221,6 +221,21 @@ mod tests {
         ));
     }
 
+    /// Values computed by check-pattern.py, the host's independent
+    /// implementation: the two must never drift apart.
+    #[test]
+    fn matches_the_host_checker() {
+        let mut buf = [0u8; BLOCK_SIZE];
+        fill_block(&mut buf, 0, 1, 0);
+        assert_eq!(read_u64(&buf, 32), 0x4082_2041);
+        assert_eq!(read_u64(&buf, 4080), 0xd4eb_461f_b50f_12a5);
+        assert_eq!(read_u64(&buf, 4088), 0x79bb_fe82_1b58_82d7);
+        fill_block(&mut buf, 12345, 0xdead_beef, 7);
+        assert_eq!(read_u64(&buf, 32), 0xbb19_fc2b_72ab_169e);
+        assert_eq!(read_u64(&buf, 4080), 0x3fbc_43af_769c_d15e);
+        assert_eq!(read_u64(&buf, 4088), 0x89f4_0531_50e3_3eb9);
+    }
+
     #[test]
     fn zero_payload_seed_becomes_one() {
         // seed == 0 and block == 0 make the xorshift state 0, which would
