@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use devices::blk::{BlkBackend, BlkBackendConfig};
 use vmm::config::{self, VmConfig};
 use vmm::vm::Vm;
 
@@ -45,6 +46,25 @@ enum Command {
         #[arg(long)]
         trace_vhost: bool,
     },
+    /// Serve a raw disk image as a vhost-user-blk backend on a unix socket (one frontend at a
+    /// time; keeps serving after a frontend leaves).
+    BlkBackend {
+        /// Unix socket to listen on (a stale socket file is replaced).
+        #[arg(long)]
+        socket: PathBuf,
+        /// Raw disk image.
+        #[arg(long)]
+        file: PathBuf,
+        /// Offer VIRTIO_BLK_F_RO and fail writes.
+        #[arg(long)]
+        readonly: bool,
+        /// Request queues offered to the frontend.
+        #[arg(long, default_value_t = 1)]
+        queues: u16,
+        /// Largest queue size accepted (a power of two).
+        #[arg(long, default_value_t = 1024)]
+        queue_size: u16,
+    },
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
@@ -77,12 +97,32 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(exit.status() as u8)
         }
+        Command::BlkBackend {
+            socket,
+            file,
+            readonly,
+            queues,
+            queue_size,
+        } => {
+            let cfg = BlkBackendConfig {
+                path: file,
+                readonly,
+                num_queues: queues,
+                queue_size,
+            };
+            BlkBackend::listen(cfg, &socket)?;
+            Ok(0)
+        }
     }
 }
 
 fn main() -> ExitCode {
+    // VMM_LOG=info (or debug, trace) turns on the library logs; errors always print.
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("VMM_LOG"))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {
