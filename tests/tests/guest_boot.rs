@@ -18,8 +18,16 @@ fn run(cmdline: &str, extra: &[&str]) -> integration_tests::Outcome {
 fn hello_prints_and_exits_zero() {
     let o = run("hello", &[]);
     assert_eq!(o.code(), Some(0), "{}", o.describe());
-    assert!(o.stdout.contains("Hello from the test guest"), "{}", o.describe());
-    assert!(o.stdout.contains("test-guest: hello PASS"), "{}", o.describe());
+    assert!(
+        o.stdout.contains("Hello from the test guest"),
+        "{}",
+        o.describe()
+    );
+    assert!(
+        o.stdout.contains("test-guest: hello PASS"),
+        "{}",
+        o.describe()
+    );
 }
 
 #[test]
@@ -36,14 +44,23 @@ fn triple_fault_is_reported_and_fails() {
     assert_ne!(o.code(), Some(0), "{}", o.describe());
     assert!(!o.timed_out, "{}", o.describe());
     assert!(o.stderr.contains("triple fault"), "{}", o.describe());
-    assert_eq!(o.stderr.trim().lines().count(), 1, "one-line message: {}", o.describe());
+    assert_eq!(
+        o.stderr.trim().lines().count(),
+        1,
+        "one-line message: {}",
+        o.describe()
+    );
 }
 
 #[test]
 fn compute_reports_a_rate() {
     let o = run("compute", &[]);
     assert_eq!(o.code(), Some(0), "{}", o.describe());
-    let line = o.stdout.lines().find(|l| l.starts_with("compute:") && l.contains("iterations_per_sec=")).unwrap_or_else(|| panic!("{}", o.describe()));
+    let line = o
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("compute:") && l.contains("iterations_per_sec="))
+        .unwrap_or_else(|| panic!("{}", o.describe()));
     let rate: f64 = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("iterations_per_sec="))
@@ -56,11 +73,44 @@ fn compute_reports_a_rate() {
 fn several_vcpus_boot() {
     let o = run("hello", &["--cpus", "4", "--mem", "512M"]);
     assert_eq!(o.code(), Some(0), "{}", o.describe());
-    assert!(o.stdout.contains("Hello from the test guest"), "{}", o.describe());
+    assert!(
+        o.stdout.contains("Hello from the test guest"),
+        "{}",
+        o.describe()
+    );
 }
 
 #[test]
 fn unknown_test_is_a_guest_side_failure() {
     let o = run("no-such-test", &[]);
     assert_eq!(o.code(), Some(2), "{}", o.describe());
+}
+
+/// The same guest with its PVH note renamed boots through the plain ELF64 entry: long mode,
+/// our identity page tables, boot_params in rsi (the guest reads its command line from there).
+#[test]
+fn plain_elf64_entry_without_pvh_note() {
+    require_kvm();
+    let mut elf = std::fs::read(guest_elf()).unwrap();
+    // ELF note header: namesz=4, descsz, type=18 (XEN_ELFNOTE_PHYS32_ENTRY), name "Xen\0".
+    let pos = (0..elf.len() - 16)
+        .find(|&i| {
+            elf[i..i + 4] == 4u32.to_le_bytes()
+                && elf[i + 8..i + 12] == 18u32.to_le_bytes()
+                && &elf[i + 12..i + 16] == b"Xen\0"
+        })
+        .expect("the test guest carries a PVH note");
+    elf[pos + 8..pos + 12].copy_from_slice(&0x7fu32.to_le_bytes());
+    let d = integration_tests::TempDir::new("elf64");
+    let k = d.path("guest-no-pvh.elf");
+    std::fs::write(&k, &elf).unwrap();
+    let o = vmm_run(&["--kernel", k.to_str().unwrap(), "--cmdline", "hello"], T);
+    assert_eq!(o.code(), Some(0), "{}", o.describe());
+    assert!(
+        o.stdout.contains("Hello from the test guest"),
+        "{}",
+        o.describe()
+    );
+    let o = vmm_run(&["--kernel", k.to_str().unwrap(), "--cmdline", "exit=9"], T);
+    assert_eq!(o.code(), Some(9), "{}", o.describe());
 }

@@ -13,11 +13,21 @@ use integration_tests::{host_is_pvm, linux_asset, require_kvm, run_until, vmm_bi
 
 /// Kernel parameters that steer a non-PVM kernel around instructions PVM's emulator lacks
 /// (README, "PVM hosts"); harmless on hardware KVM.
-const PVM_SAFE: &str = "noxsave clearcpuid=308,151 nofsgsbase nopku lpj=1000000 tsc=reliable no_timer_check";
+const PVM_SAFE: &str =
+    "noxsave clearcpuid=308,151 nofsgsbase nopku lpj=1000000 tsc=reliable no_timer_check";
 
 fn vmm(kernel: &str, cmdline: &str, extra: &[&str]) -> Command {
     let mut c = Command::new(vmm_bin());
-    c.args(["run", "--kernel", kernel, "--mem", "512M", "--cmdline", cmdline]).args(extra);
+    c.args([
+        "run",
+        "--kernel",
+        kernel,
+        "--mem",
+        "512M",
+        "--cmdline",
+        cmdline,
+    ])
+    .args(extra);
     c
 }
 
@@ -40,17 +50,37 @@ fn vmlinux_pvh_early_boot_sees_our_cmdline_e820_and_acpi() {
         "ACPI: APIC 0x".into(),
     ];
     let mut seen = vec![false; wanted.len()];
-    let (lines, done, elapsed) = run_until(&mut vmm(k.to_str().unwrap(), &cmdline, &[]), Duration::from_secs(300), |l| {
-        for (i, w) in wanted.iter().enumerate() {
-            if l.contains(w.as_str()) {
-                seen[i] = true;
+    let (lines, done, elapsed) = run_until(
+        &mut vmm(k.to_str().unwrap(), &cmdline, &[]),
+        Duration::from_secs(300),
+        |l| {
+            for (i, w) in wanted.iter().enumerate() {
+                if l.contains(w.as_str()) {
+                    seen[i] = true;
+                }
             }
-        }
-        seen.iter().all(|s| *s)
-    });
+            seen.iter().all(|s| *s)
+        },
+    );
     let log = lines.join("\n");
-    assert!(done, "missing {:?} after {elapsed:?}:\n{log}", wanted.iter().zip(&seen).filter(|(_, s)| !**s).map(|(w, _)| w).collect::<Vec<_>>());
-    for bad in ["ACPI BIOS Warning", "ACPI Warning", "ACPI Error", "Incorrect checksum", "Firmware Bug", "invalid length"] {
+    assert!(
+        done,
+        "missing {:?} after {elapsed:?}:\n{log}",
+        wanted
+            .iter()
+            .zip(&seen)
+            .filter(|(_, s)| !**s)
+            .map(|(w, _)| w)
+            .collect::<Vec<_>>()
+    );
+    for bad in [
+        "ACPI BIOS Warning",
+        "ACPI Warning",
+        "ACPI Error",
+        "Incorrect checksum",
+        "Firmware Bug",
+        "invalid length",
+    ] {
         assert!(!log.contains(bad), "kernel complained ({bad}):\n{log}");
     }
     // No line of the E820 map beyond ours.
@@ -73,9 +103,39 @@ fn full_boot_to_initramfs_bzimage_and_pvh() {
     let initrd = linux_asset("initramfs.cpio");
     for kernel in ["bzImage", "vmlinux"] {
         let k = linux_asset(kernel);
-        let mut c = vmm(k.to_str().unwrap(), "console=ttyS0 vmmtest=boot", &["--initrd", initrd.to_str().unwrap()]);
-        let (lines, done, elapsed) = run_until(&mut c, Duration::from_secs(120), |l| l.contains("VMM-INIT: boot OK"));
-        assert!(done, "{kernel}: no initramfs marker after {elapsed:?}:\n{}", lines.join("\n"));
+        let mut c = vmm(
+            k.to_str().unwrap(),
+            "console=ttyS0 vmmtest=boot",
+            &["--initrd", initrd.to_str().unwrap()],
+        );
+        let (lines, done, elapsed) = run_until(&mut c, Duration::from_secs(120), |l| {
+            l.contains("VMM-INIT: boot OK")
+        });
+        assert!(
+            done,
+            "{kernel}: no initramfs marker after {elapsed:?}:\n{}",
+            lines.join("\n")
+        );
         eprintln!("{kernel}: booted to /init in {elapsed:.1?}");
     }
+}
+
+#[test]
+fn bzimage_boot_protocol_reaches_the_decompressor() {
+    require_kvm();
+    let k = linux_asset("bzImage");
+    // The decompressor's first words: it parsed our boot_params command line (nokaslr) and found
+    // the UART from earlyprintk. KASLR's search is skipped because its loops crawl when emulated.
+    let cmdline = "earlyprintk=serial,ttyS0,115200 console=ttyS0 nokaslr";
+    let (lines, done, elapsed) = run_until(
+        &mut vmm(k.to_str().unwrap(), cmdline, &[]),
+        Duration::from_secs(120),
+        |l| l.contains("KASLR disabled: 'nokaslr' on cmdline."),
+    );
+    assert!(
+        done,
+        "no decompressor output after {elapsed:?}:\n{}",
+        lines.join("\n")
+    );
+    eprintln!("bzImage: decompressor's first output after {elapsed:.1?}");
 }
