@@ -831,6 +831,29 @@ mod tests {
         wait_call(&call);
         assert_eq!(ring.used_idx(&g), 3);
 
+        // The kick fd replaced while the ring runs: the old one no longer wakes the ring.
+        let third_kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        assert_eq!(fe.vring_fd(Request::SetVringKick, 0, &third_kick), 0);
+        // A (re)started ring looks at the avail ring once on its own thread; let that pass so
+        // only a kick can make it look again.
+        std::thread::sleep(Duration::from_millis(50));
+        ring.add_chain(
+            &g,
+            &[
+                (0x16000, 16, false),
+                (0x17000, 512, true),
+                (0x18000, 1, true),
+            ],
+        );
+        new_kick.write(1).unwrap();
+        assert!(
+            !wait_readable(&call, Duration::from_millis(100)),
+            "old kick fd still served"
+        );
+        third_kick.write(1).unwrap();
+        wait_call(&call);
+        assert_eq!(ring.used_idx(&g), 4);
+
         drop(fe);
         backend
             .join()
