@@ -32,6 +32,7 @@ use vhost_frontend::features::{
     bit_mask, describe_protocol_features, describe_virtio_features, has, PROTOCOL_CONFIG,
     PROTOCOL_MQ, PROTOCOL_REPLY_ACK, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_RING_F_INDIRECT_DESC,
 };
+use vhost_frontend::trace::{describe_message, Direction};
 use vhost_frontend::wire::{
     recv_message, send_message, ConfigSpace, FrontendMessage, Header, PeerGone, Request,
     U64Payload, VringAddr, VringState, WireError, FLAG_REPLY, VERSION, VHOST_VRING_F_LOG,
@@ -258,6 +259,11 @@ impl<'a> Session<'a> {
     fn run(&mut self) -> Result<(), SessionEnd> {
         loop {
             let (header, payload, fds) = recv_message(self.stream)?;
+            debug!(
+                target: "vhost",
+                "{}",
+                describe_message(Direction::ToBackend, TRACE_NAME, &header, &payload, fds.len())
+            );
             let message = match FrontendMessage::decode(&header, &payload, fds) {
                 Ok(message) => message,
                 Err(e) => {
@@ -268,7 +274,6 @@ impl<'a> Session<'a> {
                 }
             };
             let request = message.request();
-            debug!(target: "vhost", "vhost-user backend <- {request} {}", summary(&message));
             match self.handle(message) {
                 Ok(reply) => self.reply(request, &header, reply)?,
                 Err(failure) => self.fail(&header, failure)?,
@@ -279,13 +284,9 @@ impl<'a> Session<'a> {
     fn reply(&self, request: Request, header: &Header, reply: Reply) -> Result<(), SessionEnd> {
         match reply {
             Reply::Payload(payload) => {
-                debug!(target: "vhost", "vhost-user backend -> {request} reply ({} bytes)", payload.len());
-                send_message(
-                    self.stream,
-                    &Header::for_reply(request, payload.len()),
-                    &payload,
-                    &[],
-                )?;
+                let header = Header::for_reply(request, payload.len());
+                trace_reply(&header, &payload);
+                send_message(self.stream, &header, &payload, &[])?;
             }
             Reply::Ack if header.need_reply() => self.send_ack(header.request, 0)?,
             Reply::Ack => {}
@@ -328,6 +329,7 @@ impl<'a> Session<'a> {
             flags: VERSION | FLAG_REPLY,
             size: payload.len() as u32,
         };
+        trace_reply(&header, &payload);
         send_message(self.stream, &header, &payload, &[])?;
         Ok(())
     }
@@ -573,18 +575,15 @@ impl<'a> Session<'a> {
     }
 }
 
-/// One line per message for the debug log; config payloads are summarised, not dumped.
-fn summary(message: &FrontendMessage) -> String {
-    match message {
-        FrontendMessage::GetConfig(c) | FrontendMessage::SetConfig(c) => {
-            format!("offset={} size={} flags={}", c.offset, c.size(), c.flags)
-        }
-        FrontendMessage::SetFeatures(f) => format!("{f:#x} ({})", describe_virtio_features(*f)),
-        FrontendMessage::SetProtocolFeatures(f) => {
-            format!("{f:#x} ({})", describe_protocol_features(*f))
-        }
-        other => format!("{other:?}"),
-    }
+/// Names this side in trace lines (arrows are drawn from the frontend's point of view).
+const TRACE_NAME: &str = "blk-backend";
+
+fn trace_reply(header: &Header, payload: &[u8]) {
+    debug!(
+        target: "vhost",
+        "{}",
+        describe_message(Direction::FromBackend, TRACE_NAME, header, payload, 0)
+    );
 }
 
 fn u64_reply(value: u64) -> Reply {
