@@ -92,7 +92,7 @@ mod tests {
             Some(GuestExit::Reset { .. })
         ));
         assert_eq!(io.write(0x80, &[1]), None);
-        io.write(COM1_PORT, &[b'A']);
+        io.write(COM1_PORT, b"A");
         assert_eq!(io.serial.writer_mut().as_slice(), b"A");
         let mut d = [0u8; 1];
         io.read(0x1234, &mut d);

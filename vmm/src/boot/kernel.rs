@@ -125,7 +125,7 @@ fn check_elf(path: &str, f: &mut File, len: u64, ram_end: u64) -> Result<u64, Ke
         let p_type = u32::from_le_bytes(ph[0..4].try_into().expect("4 bytes"));
         let (offset, paddr, filesz, memsz) =
             (le64(&ph, 8), le64(&ph, 24), le64(&ph, 32), le64(&ph, 40));
-        let file_end = offset.checked_add(filesz).unwrap_or(u64::MAX);
+        let file_end = offset.saturating_add(filesz);
         if file_end > len {
             return Err(truncated(format!("segment {i}"), file_end));
         }
@@ -138,7 +138,7 @@ fn check_elf(path: &str, f: &mut File, len: u64, ram_end: u64) -> Result<u64, Ke
                 addr: paddr,
             });
         }
-        let seg_end = paddr.checked_add(memsz).unwrap_or(u64::MAX);
+        let seg_end = paddr.saturating_add(memsz);
         if seg_end > ram_end {
             return Err(KernelError::TooBig {
                 path: path.to_string(),
