@@ -139,3 +139,42 @@ fn bzimage_boot_protocol_reaches_the_decompressor() {
     );
     eprintln!("bzImage: decompressor's first output after {elapsed:.1?}");
 }
+
+/// Without the steering parameters, a non-PVM kernel on a PVM host reaches an instruction the
+/// ring-0 emulator lacks: `vmm` must stop with the RIP, the bytes and a hint, never hang.
+#[test]
+fn emulation_failure_names_rip_bytes_and_cause() {
+    if !host_is_pvm() {
+        eprintln!(
+            "\n*** NOT APPLICABLE ON THIS HOST: emulation-failure report ***\n\
+             hardware KVM runs this kernel natively, so no instruction emulation failure happens to report.\n"
+        );
+        return;
+    }
+    require_kvm();
+    let k = linux_asset("vmlinux");
+    let mut c = Command::new(vmm_bin());
+    c.args([
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--mem",
+        "512M",
+        "--cmdline",
+        "earlyprintk=serial,ttyS0,115200",
+    ]);
+    let o = integration_tests::run_with_timeout(&mut c, Duration::from_secs(180));
+    assert!(!o.timed_out, "{}", o.describe());
+    assert_eq!(o.code(), Some(1), "{}", o.describe());
+    let err = o.stderr.trim();
+    assert_eq!(err.lines().count(), 1, "{}", o.describe());
+    assert!(
+        err.contains("KVM internal error") && err.contains("rip=0x"),
+        "{err}"
+    );
+    assert!(
+        err.contains("instruction bytes [") && err.contains("likely cause:"),
+        "{err}"
+    );
+    eprintln!("emulation failure reported after {:.1?}: {err}", o.elapsed);
+}
