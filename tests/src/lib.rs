@@ -10,17 +10,26 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 fn must_exist(p: PathBuf, what: &str) -> PathBuf {
-    assert!(p.exists(), "{what} not found at {} — run resources/setup first", p.display());
+    assert!(
+        p.exists(),
+        "{what} not found at {} — run resources/setup first",
+        p.display()
+    );
     p
 }
 
 /// The `vmm` binary under test: $VMM_BIN, else target/release/vmm (resources/test builds it).
 pub fn vmm_bin() -> PathBuf {
-    let p = std::env::var_os("VMM_BIN").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/release/vmm"));
+    let p = std::env::var_os("VMM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/release/vmm"));
     must_exist(p, "the vmm binary")
 }
 
@@ -36,8 +45,15 @@ pub fn linux_asset(name: &str) -> PathBuf {
 }
 
 pub fn require_kvm() {
-    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
-    assert!(ok, "/dev/kvm is missing or not accessible: these tests need KVM");
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    assert!(
+        ok,
+        "/dev/kvm is missing or not accessible: these tests need KVM"
+    );
 }
 
 /// True when /dev/kvm is the PVM backend: guest ring-0 code is emulated (~1 MIPS).
@@ -116,7 +132,11 @@ pub fn vmm_run(args: &[&str], timeout: Duration) -> Outcome {
 /// Runs a command, streaming its stdout line by line to `watch`, until `watch` returns true
 /// (then the process is killed) or the timeout passes. Returns the lines seen and whether
 /// `watch` was satisfied.
-pub fn run_until(cmd: &mut Command, timeout: Duration, mut watch: impl FnMut(&str) -> bool) -> (Vec<String>, bool, Duration) {
+pub fn run_until(
+    cmd: &mut Command,
+    timeout: Duration,
+    mut watch: impl FnMut(&str) -> bool,
+) -> (Vec<String>, bool, Duration) {
     use std::io::BufRead;
     use std::sync::mpsc;
     let start = Instant::now();
@@ -131,7 +151,10 @@ pub fn run_until(cmd: &mut Command, timeout: Duration, mut watch: impl FnMut(&st
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout).split(b'\n') {
             let Ok(l) = line else { break };
-            if tx.send(String::from_utf8_lossy(&l).trim_end().to_string()).is_err() {
+            if tx
+                .send(String::from_utf8_lossy(&l).trim_end().to_string())
+                .is_err()
+            {
                 break;
             }
         }
@@ -204,4 +227,202 @@ pub fn guest_block_pattern(block: u64, seed: u64, seq: u64) -> Vec<u8> {
     }
     b.extend_from_slice(&h.to_le_bytes());
     b
+}
+
+// ---- Helpers for the virtio-blk tests: child processes that never outlive a test, sockets that
+// ---- are really listening, and disk images checked byte for byte on the host.
+
+/// A child process (a backend, a daemon) that is killed and reaped when dropped, so no test path,
+/// panics included, leaves it running. Its stdout and stderr go to a log file.
+pub struct ChildGuard {
+    child: Child,
+    what: String,
+    log: PathBuf,
+}
+
+impl ChildGuard {
+    /// Starts `cmd` with stdin from /dev/null and stdout+stderr into `log`.
+    pub fn spawn(cmd: &mut Command, what: &str, log: PathBuf) -> ChildGuard {
+        let out =
+            std::fs::File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+        let err = out.try_clone().expect("dup log fd");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what} ({cmd:?}): {e}"));
+        ChildGuard {
+            child,
+            what: what.to_string(),
+            log,
+        }
+    }
+
+    /// The exit status if it has exited (reaped), else None.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("wait on child")
+    }
+
+    /// Everything it has written so far.
+    pub fn log(&self) -> String {
+        std::fs::read(&self.log)
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Panics, with its log, unless it is still running.
+    pub fn assert_running(&mut self) {
+        if let Some(s) = self.exited() {
+            panic!(
+                "{} exited ({s}) but should still be running; its output:\n{}",
+                self.what,
+                self.log()
+            );
+        }
+    }
+
+    /// Waits until `socket` is a unix socket in the listening state (as /proc/net/unix shows it), so
+    /// a connect cannot race the bind/listen, and without connecting (a connection would be a
+    /// frontend session to the backend). Panics if the child exits first or `timeout` passes.
+    pub fn wait_for_listening_socket(&mut self, socket: &Path, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if unix_socket_is_listening(socket) {
+                return;
+            }
+            if let Some(s) = self.exited() {
+                panic!(
+                    "{} exited ({s}) before listening on {}; its output:\n{}",
+                    self.what,
+                    socket.display(),
+                    self.log()
+                );
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{} did not listen on {} within {timeout:?}; its output:\n{}",
+                self.what,
+                socket.display(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// True when /proc/net/unix lists `path` as a listening socket (flag __SO_ACCEPTCON, 0x10000).
+pub fn unix_socket_is_listening(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        cols.len() >= 8
+            && cols[7] == want
+            && u32::from_str_radix(cols[3], 16)
+                .map(|flags| flags & 0x1_0000 != 0)
+                .unwrap_or(false)
+    })
+}
+
+/// `vmm blk-backend --socket SOCKET --file IMAGE EXTRA...`, started and listening.
+pub fn spawn_blk_backend(dir: &TempDir, socket: &Path, image: &Path, extra: &[&str]) -> ChildGuard {
+    let mut c = Command::new(vmm_bin());
+    c.arg("blk-backend")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--file")
+        .arg(image)
+        .args(extra);
+    let log = dir.path(&format!(
+        "{}.backend.log",
+        socket
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    let mut g = ChildGuard::spawn(&mut c, "vmm blk-backend", log);
+    g.wait_for_listening_socket(socket, Duration::from_secs(10));
+    g
+}
+
+/// qemu-storage-daemon exporting `image` as a writable vhost-user-blk device on `socket`.
+pub fn spawn_qemu_storage_daemon(dir: &TempDir, socket: &Path, image: &Path) -> ChildGuard {
+    let mut c = Command::new("qemu-storage-daemon");
+    c.arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f,filename={}",
+            image.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on",
+            socket.display()
+        ));
+    let mut g = ChildGuard::spawn(&mut c, "qemu-storage-daemon", dir.path("qsd.log"));
+    g.wait_for_listening_socket(socket, Duration::from_secs(10));
+    g
+}
+
+/// A sparse, all-zero disk image of `bytes` bytes.
+pub fn zero_image(dir: &TempDir, name: &str, bytes: u64) -> PathBuf {
+    let p = dir.path(name);
+    std::fs::File::create(&p)
+        .and_then(|f| f.set_len(bytes))
+        .unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+    p
+}
+
+/// One `blk-write-verify` run as the host sees it afterwards: `blocks` blocks from `start`,
+/// written with `seed` (block start+i carries seq i).
+#[derive(Debug, Clone, Copy)]
+pub struct WrittenRange {
+    pub start: u64,
+    pub blocks: u64,
+    pub seed: u64,
+}
+
+/// Checks `image` byte for byte: every block of every range holds the guest's pattern, and every
+/// other byte of the file is still zero (ranges must not overlap).
+pub fn check_image(image: &Path, ranges: &[WrittenRange]) -> Result<(), String> {
+    let data = std::fs::read(image).map_err(|e| format!("read {}: {e}", image.display()))?;
+    let mut covered = vec![false; data.len().div_ceil(4096)];
+    for r in ranges {
+        for i in 0..r.blocks {
+            let b = r.start + i;
+            let off = (b * 4096) as usize;
+            let found = data
+                .get(off..off + 4096)
+                .ok_or_else(|| format!("block {b} lies beyond the end of {}", image.display()))?;
+            if found != guest_block_pattern(b, r.seed, i).as_slice() {
+                let first = found
+                    .iter()
+                    .zip(guest_block_pattern(b, r.seed, i))
+                    .position(|(a, w)| *a != w)
+                    .unwrap_or(0);
+                return Err(format!("block {b} (seed {}, seq {i}) does not hold the pattern: first difference at byte {first}", r.seed));
+            }
+            covered[b as usize] = true;
+        }
+    }
+    for (b, chunk) in data.chunks(4096).enumerate() {
+        if !covered[b] {
+            if let Some(pos) = chunk.iter().position(|x| *x != 0) {
+                return Err(format!(
+                    "block {b} was never written by the guest but byte {pos} of it is {:#x}",
+                    chunk[pos]
+                ));
+            }
+        }
+    }
+    Ok(())
 }
