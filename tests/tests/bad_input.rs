@@ -4,7 +4,9 @@ use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{guest_elf, require_kvm, run_with_timeout, vmm_bin, vmm_run, Outcome, TempDir};
+use integration_tests::{
+    guest_elf, require_kvm, run_with_timeout, vmm_bin, vmm_run, Outcome, TempDir,
+};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -12,7 +14,12 @@ fn assert_clean_error(o: &Outcome, needle: &str) {
     assert!(!o.timed_out, "hung: {}", o.describe());
     assert_eq!(o.code(), Some(1), "{}", o.describe());
     let err = o.stderr.trim();
-    assert_eq!(err.lines().count(), 1, "one line expected: {}", o.describe());
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "one line expected: {}",
+        o.describe()
+    );
     assert!(!err.contains("panicked"), "{}", o.describe());
     assert!(err.contains(needle), "expected '{needle}' in: {err}");
 }
@@ -63,7 +70,11 @@ fn missing_kernel_file() {
 fn file_that_is_no_kernel() {
     require_kvm();
     let d = TempDir::new("nokernel");
-    let k = write(&d, "notes.txt", &b"just some text, certainly not a kernel\n".repeat(40));
+    let k = write(
+        &d,
+        "notes.txt",
+        &b"just some text, certainly not a kernel\n".repeat(40),
+    );
     assert_clean_error(&vmm_run(&["--kernel", &k], T), "is not a kernel");
     let empty = write(&d, "empty", b"");
     assert_clean_error(&vmm_run(&["--kernel", &empty], T), "is not a kernel");
@@ -90,7 +101,10 @@ fn memory_too_small_for_the_kernel() {
     require_kvm();
     let d = TempDir::new("small");
     let k = write(&d, "big.elf", &tiny_elf(64 << 20, None));
-    assert_clean_error(&vmm_run(&["--kernel", &k, "--mem", "16M"], T), "does not fit in guest memory");
+    assert_clean_error(
+        &vmm_run(&["--kernel", &k, "--mem", "16M"], T),
+        "does not fit in guest memory",
+    );
     assert_clean_error(&vmm_run(&["--kernel", &k, "--mem", "1M"], T), "too small");
 }
 
@@ -104,7 +118,10 @@ fn zero_cpus() {
 #[test]
 fn bad_memory_size() {
     let k = guest_elf();
-    assert_clean_error(&vmm_run(&["--kernel", k.to_str().unwrap(), "--mem", "lots"], T), "invalid memory size");
+    assert_clean_error(
+        &vmm_run(&["--kernel", k.to_str().unwrap(), "--mem", "lots"], T),
+        "invalid memory size",
+    );
 }
 
 #[test]
@@ -113,10 +130,28 @@ fn initrd_that_does_not_fit() {
     let d = TempDir::new("initrd");
     let big = write(&d, "initrd.img", &vec![0u8; 24 << 20]);
     let k = guest_elf();
-    let o = vmm_run(&["--kernel", k.to_str().unwrap(), "--initrd", &big, "--mem", "16M"], T);
+    let o = vmm_run(
+        &[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--initrd",
+            &big,
+            "--mem",
+            "16M",
+        ],
+        T,
+    );
     assert_clean_error(&o, "initrd");
     assert!(o.stderr.contains("does not fit"), "{}", o.describe());
-    let o = vmm_run(&["--kernel", k.to_str().unwrap(), "--initrd", "/nonexistent/initrd"], T);
+    let o = vmm_run(
+        &[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--initrd",
+            "/nonexistent/initrd",
+        ],
+        T,
+    );
     assert_clean_error(&o, "cannot read initrd");
 }
 
@@ -126,11 +161,19 @@ fn no_access_to_dev_kvm() {
     let vmm = vmm_bin();
     let k = guest_elf();
     let mut c = Command::new("setpriv");
-    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&vmm).args(["run", "--kernel"]).arg(&k);
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&vmm)
+        .args(["run", "--kernel"])
+        .arg(&k);
     let meta = std::fs::metadata("/dev/kvm");
     use std::os::unix::fs::PermissionsExt;
-    let world_accessible = meta.map(|m| m.permissions().mode() & 0o006 == 0o006).unwrap_or(false);
-    assert!(!world_accessible, "/dev/kvm is world-accessible here; this test needs it restricted to root");
+    let world_accessible = meta
+        .map(|m| m.permissions().mode() & 0o006 == 0o006)
+        .unwrap_or(false);
+    assert!(
+        !world_accessible,
+        "/dev/kvm is world-accessible here; this test needs it restricted to root"
+    );
     let o = run_with_timeout(&mut c, T);
     assert_clean_error(&o, "cannot open /dev/kvm");
     assert!(o.stderr.contains("permission denied"), "{}", o.describe());
