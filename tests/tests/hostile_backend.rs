@@ -475,16 +475,10 @@ fn backend_without_version_1() {
     );
 }
 
-// ---- Pending: what vmm prints today falls short of "one clear line". See the lead's report.
-
 /// Each fact once, and the message named, e.g. "...: vhost-user backend broke the protocol in
-/// GET_FEATURES: u64 payload: 4 bytes, expected 8". Today vmm wraps the frontend's error in a
-/// second sentence saying the same ("broke the protocol during the handshake: vhost-user backend
-/// broke the protocol in ..."; "went away during GET_CONFIG: vhost-user backend went away during
-/// GET_CONFIG"), calls a silent backend one that "broke the protocol", and the VERSION_1 line
-/// names no message (GET_FEATURES).
+/// GET_FEATURES: u64 payload: 4 bytes, expected 8"; a silent backend is not said to have broken
+/// the protocol; the VERSION_1 line names the message (GET_FEATURES).
 #[test]
-#[ignore = "vmm repeats the cause in handshake errors, calls a timeout a protocol break, and the missing-VERSION_1 line does not name GET_FEATURES"]
 fn handshake_errors_state_each_fact_once_and_name_the_message() {
     let cases = [
         (Fault::ShortPayload(GET_FEATURES), "GET_FEATURES"),
@@ -519,11 +513,8 @@ fn handshake_errors_state_each_fact_once_and_name_the_message() {
 }
 
 /// A fault when the guest driver starts the device (SET_MEM_TABLE refused, after DRIVER_OK):
-/// the guest learns of it (DEVICE_NEEDS_RESET) and fails, and vmm says so in one line. Today
-/// vmm prints two tracing WARN lines (timestamps, ANSI colour codes even into a pipe, the cause
-/// repeated in each), and the guest only notices after its 30 s completion timeout.
+/// the guest learns of it (DEVICE_NEEDS_RESET) and fails, and vmm says so in one line.
 #[test]
-#[ignore = "vmm logs two WARN lines with ANSI escapes for a device-start failure instead of one clear line; 35 s"]
 fn refusal_at_device_start_fails_the_guest_with_one_line() {
     let (o, s) = run_against_with(
         Fault::NackStatus(SET_MEM_TABLE),

@@ -188,12 +188,12 @@ pub trait VhostUserFrontend {
         let backend_features = self.get_features()?;
         if !has(backend_features, VIRTIO_F_VERSION_1) {
             return Err(FrontendError::MissingFeature {
-                feature: "VIRTIO_F_VERSION_1",
+                feature: "VIRTIO_F_VERSION_1 (bit 32) in its GET_FEATURES reply",
             });
         }
         if !has(backend_features, VHOST_USER_F_PROTOCOL_FEATURES) {
             return Err(FrontendError::MissingFeature {
-                feature: "VHOST_USER_F_PROTOCOL_FEATURES",
+                feature: "VHOST_USER_F_PROTOCOL_FEATURES (bit 30) in its GET_FEATURES reply",
             });
         }
         let required = bit_mask(VIRTIO_F_VERSION_1) | bit_mask(VHOST_USER_F_PROTOCOL_FEATURES);

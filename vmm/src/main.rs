@@ -124,11 +124,13 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
         .init();
     match run(Cli::parse()) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("vmm: error: {e:#}");
+            eprintln!("vmm: error: {}", vmm::virtio::chain(e.as_ref()));
             ExitCode::from(1)
         }
     }

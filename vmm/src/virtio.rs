@@ -66,13 +66,16 @@ impl MmioDevice for MmioTransport {
     }
 }
 
-/// "error: cause: cause" on one line.
-fn chain(e: &dyn std::error::Error) -> String {
+/// "error: cause: cause" on one line, without repeating a cause the text already carries.
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
         src = c.source();
     }
     s

@@ -22,7 +22,7 @@ mod tests;
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 use vhost_frontend::connection::{FrontendError, MemoryRegionFd, VhostUserFrontend};
 use vhost_frontend::features::{
     self, PROTOCOL_CONFIG, PROTOCOL_MQ, PROTOCOL_REPLY_ACK, VHOST_USER_F_PROTOCOL_FEATURES,
@@ -121,13 +121,14 @@ pub struct StartedQueue {
 /// Why the device could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserDeviceError {
-    #[error("vhost-user backend went away during {during}")]
+    // The frontend's error already names the message and what happened; `during` is for code.
+    #[error("{source}")]
     BackendGone {
         during: &'static str,
         #[source]
         source: FrontendError,
     },
-    #[error("vhost-user backend broke the protocol during {during}")]
+    #[error("{source}")]
     BackendBroken {
         during: &'static str,
         #[source]
@@ -135,7 +136,7 @@ pub enum VhostUserDeviceError {
     },
     /// The backend understood and refused (REPLY_ACK with a non-zero status): the connection
     /// is fine, the request was not.
-    #[error("vhost-user backend refused {during}")]
+    #[error("{source}")]
     BackendRefused {
         during: &'static str,
         #[source]
@@ -213,7 +214,7 @@ impl VhostUserDevice {
         let protocol_features = negotiated.protocol_features;
         if !features::has(protocol_features, PROTOCOL_CONFIG) {
             return Err(VhostUserDeviceError::MissingFeature(
-                "protocol feature CONFIG (GET_CONFIG)",
+                "protocol feature CONFIG in its GET_PROTOCOL_FEATURES reply (needed for GET_CONFIG)",
             ));
         }
         // Without MQ a backend serves one queue (the spec's default).
@@ -282,14 +283,14 @@ impl VhostUserDevice {
         match err {
             VhostUserDeviceError::BackendGone { .. } => {
                 self.state = BackendState::Disconnected { during };
-                warn!(error = %error_chain(&err), "vhost-user device: backend went away");
+                debug!(error = %error_chain(&err), "vhost-user device: backend went away");
             }
             VhostUserDeviceError::BackendRefused { .. } => {
-                warn!(error = %error_chain(&err), "vhost-user device: backend refused a request");
+                debug!(error = %error_chain(&err), "vhost-user device: backend refused a request");
             }
             _ => {
                 self.state = BackendState::Broken { during };
-                warn!(error = %error_chain(&err), "vhost-user device: backend unusable");
+                debug!(error = %error_chain(&err), "vhost-user device: backend unusable");
             }
         }
         err

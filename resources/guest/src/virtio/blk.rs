@@ -51,6 +51,8 @@ const STATUS_UNWRITTEN: u8 = 0xff;
 /// How long one completion may take before the driver gives up (generous:
 /// reconnect tests restart the backend while requests are in flight).
 const COMPLETION_TIMEOUT_MS: u64 = 30_000;
+/// How often a waiting driver reads the device status to notice DEVICE_NEEDS_RESET.
+const STATUS_CHECK_INTERVAL_MS: u64 = 100;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -495,6 +497,7 @@ impl BlkDevice {
     pub fn complete(&mut self) -> Result<usize, BlkError> {
         let start = Instant::now();
         let mut spins: u32 = 0;
+        let mut next_status_check_ms = STATUS_CHECK_INTERVAL_MS;
         let used_id = loop {
             if let Some(index) = self.irq {
                 let count = idt::irq_count(index);
@@ -516,11 +519,23 @@ impl BlkDevice {
                 break id;
             }
             spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(1024) && start.elapsed_ms() >= COMPLETION_TIMEOUT_MS {
-                let Pending { op, block } = self.any_pending();
+            if !spins.is_multiple_of(1024) {
+                core::hint::spin_loop();
+                continue;
+            }
+            let waited = start.elapsed_ms();
+            // A device that gave up (DEVICE_NEEDS_RESET, e.g. its backend failed) completes
+            // nothing more: notice within a status-check interval, not at the timeout. Reading
+            // the status is an MMIO exit, so not on every spin.
+            if waited >= next_status_check_ms {
+                next_status_check_ms = waited + STATUS_CHECK_INTERVAL_MS;
                 if self.transport.status() & status::NEEDS_RESET != 0 {
+                    let Pending { op, block } = self.any_pending();
                     return Err(BlkError::NeedsReset { op, block });
                 }
+            }
+            if waited >= COMPLETION_TIMEOUT_MS {
+                let Pending { op, block } = self.any_pending();
                 return Err(BlkError::Timeout {
                     op,
                     block,
