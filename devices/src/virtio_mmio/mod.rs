@@ -23,12 +23,16 @@ pub use vhost_user_dev::{
 };
 
 /// "error: cause: cause" on one line, for logs.
+/// A cause whose text the message already carries is not repeated.
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
     text
