@@ -14,6 +14,9 @@ pub mod registers;
 pub mod transport;
 pub mod vhost_user_dev;
 
+#[cfg(test)]
+mod end_to_end_tests;
+
 pub use device::{DeviceError, QueueConfig, VirtioDevice, MAX_QUEUE_SIZE};
 pub use registers::{MMIO_WINDOW_SIZE, QUEUE_NOTIFY};
 pub use transport::{MmioTransport, TransportError, VIRTIO_F_VERSION_1};
