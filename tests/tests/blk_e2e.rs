@@ -303,3 +303,42 @@ fn readonly_standalone_backend_refuses_writes() {
     assert_image(&img, &[range]);
     backend.assert_running();
 }
+
+/// `queues=4`: the backend serves four request queues (GET_QUEUE_NUM, config num_queues); the
+/// test guest drives queue 0 and the others stay unstarted.
+#[test]
+fn multiqueue_device_serves_the_queue_the_driver_starts() {
+    let d = TempDir::new("mq");
+    let image = zero_image(&d, "mq.img", IMAGE_BYTES);
+    let range = WrittenRange {
+        start: 0,
+        blocks: 32,
+        seed: 21,
+    };
+    let socket = d.path("mq.sock");
+    let _backend = spawn_blk_backend(&d, &socket, &image, &["--queues", "4"]);
+    for blk in [
+        format!("path={},queues=4", image.display()),
+        format!("socket={},queues=4", socket.display()),
+    ] {
+        let o = write_verify(&[blk], 0, range, Completion::Irq);
+        assert_guest_passed(&o, range, Completion::Irq);
+        assert_image(&image, &[range]);
+    }
+    // Asking for more queues than the backend serves is a clear error naming both numbers.
+    let o = vmm_run(
+        &[
+            "--kernel",
+            guest_elf().to_str().unwrap(),
+            "--blk",
+            &format!("socket={},queues=8", socket.display()),
+        ],
+        T,
+    );
+    assert_eq!(o.code(), Some(1), "{}", o.describe());
+    assert!(
+        o.stderr.contains("serves 4 queues; 8 were asked for"),
+        "{}",
+        o.describe()
+    );
+}

@@ -19,11 +19,18 @@ pub enum ConfigError {
 /// A virtio-blk device: served by our in-process fallback backend or by an external one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlkConfig {
-    /// `--blk path=FILE[,readonly]`: our backend on a thread, over a socketpair.
-    InProcess { path: PathBuf, readonly: bool },
-    /// `--blk socket=PATH`: any vhost-user-blk backend listening on a unix socket.
-    Socket { path: PathBuf },
+    /// `--blk path=FILE[,readonly][,queues=N]`: our backend on a thread, over a socketpair.
+    InProcess {
+        path: PathBuf,
+        readonly: bool,
+        queues: u16,
+    },
+    /// `--blk socket=PATH[,queues=N]`: any vhost-user-blk backend listening on a unix socket.
+    Socket { path: PathBuf, queues: u16 },
 }
+
+/// Request queues a blk device may expose (the backend may serve fewer; the handshake checks).
+pub const MAX_BLK_QUEUES: u16 = 64;
 
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -74,23 +81,36 @@ pub fn check_cpus(n: u32) -> Result<u32, ConfigError> {
     Ok(n)
 }
 
-/// Parses one `--blk` value: `path=FILE[,readonly]` or `socket=PATH`.
+/// Parses one `--blk` value: `path=FILE[,readonly][,queues=N]` or `socket=PATH[,queues=N]`.
 pub fn parse_blk(s: &str) -> Result<BlkConfig, ConfigError> {
     let bad = |why| ConfigError::BadBlk(s.to_string(), why);
     let mut path = None;
     let mut socket = None;
     let mut readonly = false;
+    let mut queues = 1u16;
     for part in s.split(',') {
         match part.split_once('=') {
             Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
             Some(("socket", v)) if !v.is_empty() => socket = Some(PathBuf::from(v)),
+            Some(("queues", v)) => match v.parse::<u16>() {
+                Ok(n) if (1..=MAX_BLK_QUEUES).contains(&n) => queues = n,
+                _ => return Err(bad("queues= takes a number from 1 to 64")),
+            },
             None if part == "readonly" => readonly = true,
-            _ => return Err(bad("expected path=FILE[,readonly] or socket=PATH")),
+            _ => {
+                return Err(bad(
+                    "expected path=FILE[,readonly][,queues=N] or socket=PATH[,queues=N]",
+                ))
+            }
         }
     }
     match (path, socket) {
-        (Some(path), None) => Ok(BlkConfig::InProcess { path, readonly }),
-        (None, Some(path)) if !readonly => Ok(BlkConfig::Socket { path }),
+        (Some(path), None) => Ok(BlkConfig::InProcess {
+            path,
+            readonly,
+            queues,
+        }),
+        (None, Some(path)) if !readonly => Ok(BlkConfig::Socket { path, queues }),
         (None, Some(_)) => Err(bad(
             "readonly is a property of the backend; pass it to the backend",
         )),
@@ -139,19 +159,35 @@ mod tests {
 
     #[test]
     fn blk_specs() {
+        let in_process = |p: &str, readonly, queues| BlkConfig::InProcess {
+            path: p.into(),
+            readonly,
+            queues,
+        };
+        let socket = |p: &str, queues| BlkConfig::Socket {
+            path: p.into(),
+            queues,
+        };
         assert_eq!(
             parse_blk("path=/d.img,readonly"),
-            Ok(BlkConfig::InProcess {
-                path: "/d.img".into(),
-                readonly: true
-            })
+            Ok(in_process("/d.img", true, 1))
         );
         assert_eq!(
-            parse_blk("socket=/s"),
-            Ok(BlkConfig::Socket { path: "/s".into() })
+            parse_blk("path=/d.img,queues=8"),
+            Ok(in_process("/d.img", false, 8))
         );
-        assert!(parse_blk("path=/a,socket=/b").is_err());
-        assert!(parse_blk("path=").is_err());
-        assert!(parse_blk("bogus").is_err());
+        assert_eq!(parse_blk("socket=/s"), Ok(socket("/s", 1)));
+        assert_eq!(parse_blk("socket=/s,queues=4"), Ok(socket("/s", 4)));
+        for bad in [
+            "path=/a,socket=/b",
+            "path=",
+            "bogus",
+            "path=/d,queues=0",
+            "path=/d,queues=65",
+            "path=/d,queues=x",
+            "socket=/s,readonly",
+        ] {
+            assert!(parse_blk(bad).is_err(), "{bad}");
+        }
     }
 }

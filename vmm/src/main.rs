@@ -39,7 +39,8 @@ enum Command {
         /// Number of vCPUs.
         #[arg(long, default_value_t = 1)]
         cpus: u32,
-        /// A virtio-blk device: path=FILE[,readonly] (in-process backend) or socket=PATH (external backend). Repeatable.
+        /// A virtio-blk device: path=FILE[,readonly] (in-process backend) or socket=PATH (external
+        /// backend), each with an optional ,queues=N. Repeatable.
         #[arg(long = "blk", value_name = "SPEC")]
         blk: Vec<String>,
         /// Log every vhost-user message, decoded, on stderr.

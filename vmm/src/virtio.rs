@@ -94,13 +94,17 @@ pub fn attach_blk_devices(
 ) -> Result<FallbackThreads, VirtioError> {
     let mut threads = Vec::new();
     for (index, blk) in blks.iter().enumerate() {
-        let (stream, what): (UnixStream, String) = match blk {
-            BlkConfig::InProcess { path, readonly } => {
+        let (stream, what, queues): (UnixStream, String, u16) = match blk {
+            BlkConfig::InProcess {
+                path,
+                readonly,
+                queues,
+            } => {
                 let what = format!("in-process backend for {}", path.display());
                 let cfg = BlkBackendConfig {
                     path: path.clone(),
                     readonly: *readonly,
-                    num_queues: 1,
+                    num_queues: *queues,
                     queue_size: BLK_QUEUE_SIZE,
                 };
                 let (s, t) =
@@ -110,20 +114,20 @@ pub fn attach_blk_devices(
                         source,
                     })?;
                 threads.push(t);
-                (s, what)
+                (s, what, *queues)
             }
-            BlkConfig::Socket { path } => {
+            BlkConfig::Socket { path, queues } => {
                 let p = path.display().to_string();
                 let s = UnixStream::connect(path).map_err(|source| VirtioError::Connect {
                     index,
                     path: p.clone(),
                     source,
                 })?;
-                (s, format!("backend at {p}"))
+                (s, format!("backend at {p}"), *queues)
             }
         };
         let info = dm.allocate()?;
-        let transport = blk_transport(index, &what, stream, mem, trace)?;
+        let transport = blk_transport(index, &what, stream, queues, mem, trace)?;
         wire_into_kvm(vm, index, &info, &transport)?;
         dm.attach(info, Arc::new(Mutex::new(transport)));
     }
@@ -134,6 +138,7 @@ fn blk_transport(
     index: usize,
     what: &str,
     stream: UnixStream,
+    num_queues: u16,
     mem: &GuestMemoryMmap,
     trace: bool,
 ) -> Result<MmioTransport, VirtioError> {
@@ -149,7 +154,7 @@ fn blk_transport(
         .map_err(|e| dev_err(chain(&e)))?;
     let table = MemoryTable::from_guest_memory(mem).map_err(|e| dev_err(chain(&e)))?;
     let opts = VhostUserDeviceOptions {
-        num_queues: 1,
+        num_queues,
         queue_size: BLK_QUEUE_SIZE,
     };
     let device = VhostUserDevice::new(Box::new(frontend), DeviceKind::BLOCK, table, opts)
