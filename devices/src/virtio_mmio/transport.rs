@@ -516,6 +516,9 @@ impl MmioTransport {
             .map(|(index, registers)| registers.config(index as u16))
             .collect();
         self.activation_attempted = true;
+        // Note where each used ring stands *before* the backend can touch it: a buffer it uses
+        // the moment it is started (a kick that came before DRIVER_OK) must count as news.
+        self.interrupts.watch_queues(&queues, &self.memory);
         match self
             .device
             .activate(self.driver_features, &queues, &self.queue_kicks, &self.call)
@@ -527,7 +530,6 @@ impl MmioTransport {
                     ready_queues = queues.iter().filter(|q| q.ready).count(),
                     "virtio-mmio: device activated"
                 );
-                self.interrupts.watch_queues(&queues, &self.memory);
             }
             Err(err) => {
                 warn!(
@@ -536,6 +538,7 @@ impl MmioTransport {
                     "virtio-mmio: activation failed; device needs reset"
                 );
                 self.status |= status::DEVICE_NEEDS_RESET;
+                self.interrupts.reset();
                 if let Err(err) = self.notify_config_change() {
                     warn!(%err, "virtio-mmio: cannot raise the config change interrupt");
                 }

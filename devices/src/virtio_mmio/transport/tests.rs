@@ -18,6 +18,8 @@ struct Record {
     resets: usize,
     config_writes: Vec<(u64, Vec<u8>)>,
     fail_activation: bool,
+    /// Where a backend that serves a request the moment it starts would publish used->idx = 1.
+    complete_on_activation: Option<(GuestMemoryMmap, GuestAddress)>,
 }
 
 struct FakeDevice {
@@ -60,6 +62,9 @@ impl VirtioDevice for FakeDevice {
             .push((acked_features, queues.to_vec(), queue_kicks.len()));
         if record.fail_activation {
             return Err(DeviceError::NoQueueReady);
+        }
+        if let Some((memory, used_idx)) = &record.complete_on_activation {
+            memory.write_obj(1u16.to_le(), *used_idx).unwrap();
         }
         Ok(())
     }
@@ -402,6 +407,15 @@ fn interrupt_status_reports_used_buffers_the_backend_published() {
     assert_eq!(shown, INT_USED_BUFFER);
     write32(&mut t, reg::INTERRUPT_ACK, shown);
     assert_eq!(read32(&mut t, reg::INTERRUPT_STATUS), 0);
+}
+
+#[test]
+fn a_buffer_used_during_activation_is_news() {
+    let (mut t, record) = transport();
+    let used_idx = GuestAddress(queue_base(0) + 0x2000 + 2);
+    record.lock().unwrap().complete_on_activation = Some((t.memory.clone(), used_idx));
+    bring_up(&mut t);
+    assert_eq!(read32(&mut t, reg::INTERRUPT_STATUS), INT_USED_BUFFER);
 }
 
 #[test]
