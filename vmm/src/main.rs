@@ -131,7 +131,10 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("vmm: error: {}", vmm::virtio::chain(e.as_ref()));
+            eprintln!(
+                "vmm: error: {}",
+                devices::virtio_mmio::error_chain(e.as_ref())
+            );
             ExitCode::from(1)
         }
     }

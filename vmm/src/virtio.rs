@@ -14,7 +14,8 @@ use vm_memory::GuestMemoryMmap;
 
 use devices::blk::backend::{BlkBackend, BlkBackendConfig, BlkError};
 use devices::virtio_mmio::{
-    DeviceKind, MemoryTable, MmioTransport, VhostUserDevice, VhostUserDeviceOptions, QUEUE_NOTIFY,
+    error_chain as chain, DeviceKind, MemoryTable, MmioTransport, VhostUserDevice,
+    VhostUserDeviceOptions, QUEUE_NOTIFY,
 };
 use vhost_frontend::connection::Frontend;
 
@@ -64,21 +65,6 @@ impl MmioDevice for MmioTransport {
     fn write(&mut self, offset: u64, data: &[u8]) {
         MmioTransport::write(self, offset, data)
     }
-}
-
-/// "error: cause: cause" on one line, without repeating a cause the text already carries.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = c.source();
-    }
-    s
 }
 
 /// Backends started in this process; they end when their connection closes.

@@ -25,9 +25,9 @@ pub use vhost_user_dev::{
     VhostUserDevice, VhostUserDeviceError, VhostUserDeviceOptions,
 };
 
-/// "error: cause: cause" on one line, for logs.
+/// "error: cause: cause" on one line, for logs and for the VMM's final error message.
 /// A cause whose text the message already carries is not repeated.
-fn error_chain(err: &dyn std::error::Error) -> String {
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
