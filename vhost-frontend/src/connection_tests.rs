@@ -856,8 +856,14 @@ fn backend_closing_mid_handshake_is_peer_gone() {
 #[test]
 fn negotiate_requires_version_1_and_protocol_features() {
     for (offered, missing) in [
-        (1u64 << VHOST_USER_F_PROTOCOL_FEATURES, "VIRTIO_F_VERSION_1 (bit 32) in its GET_FEATURES reply"),
-        (1u64 << VIRTIO_F_VERSION_1, "VHOST_USER_F_PROTOCOL_FEATURES (bit 30) in its GET_FEATURES reply"),
+        (
+            1u64 << VHOST_USER_F_PROTOCOL_FEATURES,
+            "VIRTIO_F_VERSION_1 (bit 32) in its GET_FEATURES reply",
+        ),
+        (
+            1u64 << VIRTIO_F_VERSION_1,
+            "VHOST_USER_F_PROTOCOL_FEATURES (bit 30) in its GET_FEATURES reply",
+        ),
     ] {
         no_fd_leak(|| {
             let (mut frontend, backend) = with_backend(move |s| {

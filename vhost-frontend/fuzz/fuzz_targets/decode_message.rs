@@ -6,8 +6,8 @@
 use libfuzzer_sys::fuzz_target;
 use vhost_frontend::trace::{describe_message, Direction};
 use vhost_frontend::wire::{
-    ConfigSpace, FrontendMessage, Header, InflightDescription, MemoryTable, SingleMemoryRegion, U64Payload,
-    VringAddr, VringFdIndex, VringState, HEADER_SIZE,
+    ConfigSpace, FrontendMessage, Header, InflightDescription, MemoryTable, SingleMemoryRegion,
+    U64Payload, VringAddr, VringFdIndex, VringState, HEADER_SIZE,
 };
 
 fuzz_target!(|data: &[u8]| {
