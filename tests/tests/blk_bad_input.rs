@@ -125,15 +125,21 @@ fn image_that_does_not_exist() {
 #[test]
 fn blk_spec_syntax_errors() {
     for (spec, why) in [
-        ("bogus", "expected path=FILE[,readonly] or socket=PATH"),
-        ("path=", "expected path=FILE[,readonly] or socket=PATH"),
+        (
+            "bogus",
+            "expected path=FILE[,readonly][,queues=N] or socket=PATH[,queues=N]",
+        ),
+        (
+            "path=",
+            "expected path=FILE[,readonly][,queues=N] or socket=PATH[,queues=N]",
+        ),
         (
             "file=/x.img",
-            "expected path=FILE[,readonly] or socket=PATH",
+            "expected path=FILE[,readonly][,queues=N] or socket=PATH[,queues=N]",
         ),
         (
             "path=/x.img,readonly,extra",
-            "expected path=FILE[,readonly] or socket=PATH",
+            "expected path=FILE[,readonly][,queues=N] or socket=PATH[,queues=N]",
         ),
         (
             "path=/a.img,socket=/b.sock",
