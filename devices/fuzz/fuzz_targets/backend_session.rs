@@ -163,8 +163,16 @@ fn payload(u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     match u.int_in_range(0..=7)? {
         0 => {}
-        // u64 payloads (features, status) and struct vhost_vring_state.
-        1 => out.extend_from_slice(&u.arbitrary::<u64>()?.to_le_bytes()),
+        // u64 payloads: features, status, or a vring fd index (queue, NOFD flag at bit 8).
+        1 => {
+            let value = if u.arbitrary()? {
+                u.arbitrary::<u64>()?
+            } else {
+                u64::from(index(u)?) | if u.arbitrary()? { 1 << 8 } else { 0 }
+            };
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        // struct vhost_vring_state.
         2 => {
             out.extend_from_slice(&index(u)?.to_le_bytes());
             out.extend_from_slice(&u.arbitrary::<u32>()?.to_le_bytes());

@@ -49,17 +49,29 @@ fuzz_target!(|data: &[u8]| {
     let _ = run(&mut Unstructured::new(data));
 });
 
-/// A descriptor address: mostly somewhere near guest RAM (so chains reach real memory), sometimes
-/// any 64-bit value.
+/// A descriptor address: mostly near the start of the fuzz bytes (where the fuzzer can place a
+/// header or an indirect table) or anywhere near guest RAM; sometimes any 64-bit value.
 fn address(u: &mut Unstructured<'_>) -> Result<u64> {
     let raw: u64 = u.arbitrary()?;
-    Ok(if u.ratio(1, 4)? { raw } else { raw % NEAR_SPAN })
+    Ok(match u.int_in_range(0..=3)? {
+        0 => raw,
+        1 => raw % NEAR_SPAN,
+        _ => DATA + raw % 0x1000,
+    })
 }
 
-/// A descriptor length: mostly up to a few sectors, sometimes any 32-bit value.
+/// A descriptor length: the shapes a request is made of (a 16-byte header, whole sectors, a
+/// 1-byte status, a 20-byte id buffer), or anything up to a few sectors, or any 32-bit value.
 fn length(u: &mut Unstructured<'_>) -> Result<u32> {
     let raw: u32 = u.arbitrary()?;
-    Ok(if u.ratio(1, 4)? { raw } else { raw % 0x1800 })
+    Ok(match u.int_in_range(0..=7)? {
+        0 => raw,
+        1 | 2 => raw % 0x1800,
+        3 => 16,
+        4 => 1,
+        5 => 20,
+        _ => 512 * (raw % 5),
+    })
 }
 
 fn run(u: &mut Unstructured<'_>) -> Result<()> {
