@@ -60,16 +60,18 @@ fn address(u: &mut Unstructured<'_>) -> Result<u64> {
     })
 }
 
-/// A descriptor length: the shapes a request is made of (a 16-byte header, whole sectors, a
-/// 1-byte status, a 20-byte id buffer), or anything up to a few sectors, or any 32-bit value.
+/// A descriptor length: the shapes a request is made of (a 16-byte header, whole sectors, both
+/// in one descriptor, a 1-byte status, a 20-byte id buffer), or anything up to a few sectors, or
+/// any 32-bit value.
 fn length(u: &mut Unstructured<'_>) -> Result<u32> {
     let raw: u32 = u.arbitrary()?;
-    Ok(match u.int_in_range(0..=7)? {
+    Ok(match u.int_in_range(0..=8)? {
         0 => raw,
         1 | 2 => raw % 0x1800,
         3 => 16,
         4 => 1,
         5 => 20,
+        6 => 16 + 512 * (raw % 4),
         _ => 512 * (raw % 5),
     })
 }
