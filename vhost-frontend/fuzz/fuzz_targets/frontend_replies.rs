@@ -1,7 +1,8 @@
 //! A hostile backend against our `Frontend`: a fake backend thread on the other end of a
-//! socketpair sends replies built from the fuzz input (well-framed messages with a chosen request
-//! code, flags, payload and attached fds, or raw bytes that break the framing), then hangs up,
-//! while the frontend runs `negotiate()` and then a fuzz-chosen series of requests (GET_CONFIG,
+//! socketpair answers each request with the next reply built from the fuzz input (a plausible
+//! reply with fuzz-chosen values, a message with the request's code but hostile flags, payload and
+//! fds, a message with any code, or raw bytes that break the framing), then hangs up, while the
+//! frontend runs `negotiate()` and then a fuzz-chosen series of requests (GET_CONFIG,
 //! GET_VRING_BASE, GET_INFLIGHT_FD, the SET_* family with and without REPLY_ACK).
 //!
 //! Properties checked:
@@ -27,8 +28,9 @@ use vhost_frontend::features::{
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1,
 };
 use vhost_frontend::wire::{
-    send_message, Header, MemoryRegion, VringAddr, FLAG_NEED_REPLY, FLAG_REPLY, MAX_CONFIG_SIZE,
-    MAX_FDS, MAX_PAYLOAD_SIZE, VERSION,
+    recv_message, send_message, ConfigSpace, Header, InflightDescription, MemoryRegion, U64Payload,
+    VringAddr, VringState, WireError, FLAG_NEED_REPLY, FLAG_REPLY, MAX_CONFIG_SIZE, MAX_FDS,
+    MAX_PAYLOAD_SIZE, VERSION,
 };
 use vhost_frontend::{
     max_inflight_mmap_size, Frontend, FrontendError, MemoryRegionFd, Request, VhostUserFrontend,
@@ -99,22 +101,39 @@ fn wanted_protocol(u: &mut Unstructured<'_>) -> Result<u64> {
     })
 }
 
-/// One chunk of what the fake backend sends.
+/// How the fake backend answers the next request it reads.
 enum Reply {
-    /// A header (fuzz-chosen code and flags, size matching the payload), the payload, and
-    /// `fds` eventfds attached.
+    /// What a working backend would send (nothing where no reply is due), with `value` where the
+    /// reply carries a number: features (VERSION_1 and PROTOCOL_FEATURES always set), protocol
+    /// features, queue count, ring base, inflight buffer size; acks say success.
+    Plausible(u64),
+    /// A message with the request's own code and fuzz-chosen flags, payload and fds: the reply
+    /// gets past the code check and the rest is hostile.
+    Echo {
+        flags: u32,
+        payload: Vec<u8>,
+        fds: usize,
+    },
+    /// A message with any code (size matching the payload).
     Framed {
         header: Header,
         payload: Vec<u8>,
         fds: usize,
     },
-    /// Bytes that may cut or desynchronise the stream.
+    /// Bytes that may cut or desynchronise the stream. After one, the backend stops reading
+    /// requests: it sends all the rest blindly and hangs up (the frontend may be waiting for the
+    /// rest of a message that never comes; only the hang-up can end that wait).
     Raw(Vec<u8>),
 }
 
 fn build_replies(u: &mut Unstructured<'_>, replies: &mut Vec<Reply>) -> Result<()> {
     while !u.is_empty() && replies.len() < MAX_REPLIES {
-        if u.ratio(1, 16)? {
+        let kind = u.int_in_range(0..=15)?;
+        if kind < 8 {
+            replies.push(Reply::Plausible(u.arbitrary()?));
+            continue;
+        }
+        if kind == 8 {
             let len = u.int_in_range(0..=48)?;
             replies.push(Reply::Raw(u.bytes(len)?.to_vec()));
             continue;
@@ -136,14 +155,22 @@ fn build_replies(u: &mut Unstructured<'_>, replies: &mut Vec<Reply>) -> Result<(
             1..=3 => 1,
             _ => 0,
         };
-        replies.push(Reply::Framed {
-            header: Header {
-                request,
+        replies.push(if kind < 13 {
+            Reply::Echo {
                 flags,
-                size: payload.len() as u32,
-            },
-            payload,
-            fds,
+                payload,
+                fds,
+            }
+        } else {
+            Reply::Framed {
+                header: Header {
+                    request,
+                    flags,
+                    size: payload.len() as u32,
+                },
+                payload,
+                fds,
+            }
         });
     }
     Ok(())
@@ -188,37 +215,150 @@ fn payload(u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Sends every reply, hangs up its sending side, then reads (and drops) whatever the frontend
-/// sent until the frontend closes: the frontend never blocks on a full socket.
+/// Answers each request the frontend sends with the next scripted reply. Every reply but `Raw` is
+/// a whole message (its header's size is its payload's), so the frontend never waits for bytes
+/// that do not come while this thread waits for a request. When the script ends (or a `Raw`
+/// reply broke the framing: then the rest goes out blindly) it hangs up its sending side and
+/// reads until the frontend closes, so the frontend never blocks on a full socket.
 fn fake_backend(stream: UnixStream, replies: Vec<Reply>) {
-    for reply in replies {
+    let mut replies = replies.into_iter();
+    let mut in_step = true;
+    while in_step {
+        let Ok((header, payload, _fds)) = recv_message(&stream) else {
+            break; // The frontend closed or sent garbage; fds that came are closed here.
+        };
+        let Some(reply) = replies.next() else { break };
         let sent = match reply {
+            Reply::Plausible(value) => match plausible_reply(&header, &payload, value) {
+                Some((reply, payload, fds)) => send(&stream, &reply, &payload, fds),
+                None => true,
+            },
+            Reply::Echo {
+                flags,
+                payload,
+                fds,
+            } => {
+                let reply = Header {
+                    request: header.request,
+                    flags,
+                    size: payload.len() as u32,
+                };
+                send(&stream, &reply, &payload, fds)
+            }
             Reply::Framed {
                 header,
                 payload,
                 fds,
-            } => {
-                let owned: Vec<OwnedFd> = (0..fds).map(|_| eventfd()).collect();
-                let borrowed: Vec<BorrowedFd<'_>> = owned.iter().map(|fd| fd.as_fd()).collect();
-                // More than MAX_FDS is refused by send_message; send the first MAX_FDS then.
-                let borrowed = &borrowed[..borrowed.len().min(MAX_FDS)];
-                send_message(&stream, &header, &payload, borrowed).is_ok()
+            } => send(&stream, &header, &payload, fds),
+            Reply::Raw(bytes) => {
+                in_step = false;
+                send_raw(&stream, &bytes)
             }
-            Reply::Raw(bytes) => send_raw(&stream, &bytes),
         };
         if !sent {
-            break; // The frontend hung up.
+            break;
+        }
+    }
+    if !in_step {
+        for reply in replies {
+            let sent = match reply {
+                Reply::Plausible(_) => true,
+                Reply::Echo { .. } => true,
+                Reply::Framed {
+                    header,
+                    payload,
+                    fds,
+                } => send(&stream, &header, &payload, fds),
+                Reply::Raw(bytes) => send_raw(&stream, &bytes),
+            };
+            if !sent {
+                break;
+            }
         }
     }
     let _ = stream.shutdown(std::net::Shutdown::Write);
-    let mut sink = [0u8; 4096];
-    // No control buffer is given, so the kernel closes any fd the frontend attached.
-    loop {
-        // SAFETY: `sink` is a live, writable buffer of its length.
-        let n = unsafe { libc::recv(stream.as_raw_fd(), sink.as_mut_ptr().cast(), sink.len(), 0) };
-        if n <= 0 {
-            break;
+    while recv_message(&stream).is_ok() {}
+    // Whatever is left unread (after a framing error) goes when the socket closes.
+}
+
+/// The reply a working backend gives to `request`, if one is due.
+fn plausible_reply(
+    request: &Header,
+    payload: &[u8],
+    value: u64,
+) -> Option<(Header, Vec<u8>, usize)> {
+    let kind = Request::from_code(request.request).ok()?;
+    let reply = |payload: Vec<u8>, fds| {
+        Some((
+            Header {
+                request: request.request,
+                flags: VERSION | FLAG_REPLY,
+                size: payload.len() as u32,
+            },
+            payload,
+            fds,
+        ))
+    };
+    let u64_reply = |v: u64| reply(U64Payload(v).encode(), 0);
+    match kind {
+        Request::GetFeatures => {
+            let required = bit_mask(VIRTIO_F_VERSION_1) | bit_mask(VHOST_USER_F_PROTOCOL_FEATURES);
+            u64_reply(value | required)
         }
+        Request::GetProtocolFeatures | Request::GetMaxMemSlots | Request::GetStatus => {
+            u64_reply(value)
+        }
+        Request::GetQueueNum => u64_reply(value % 9),
+        Request::GetVringBase => {
+            let index = VringState::decode(payload).ok()?.index;
+            reply(
+                VringState {
+                    index,
+                    num: value as u32,
+                }
+                .encode(),
+                0,
+            )
+        }
+        Request::GetConfig => {
+            let asked = ConfigSpace::decode(payload).ok()?;
+            reply(
+                ConfigSpace {
+                    payload: vec![value as u8; asked.payload.len()],
+                    ..asked
+                }
+                .encode(),
+                0,
+            )
+        }
+        Request::GetInflightFd => {
+            let asked = InflightDescription::decode(payload).ok()?;
+            let bound = max_inflight_mmap_size(asked.num_queues, asked.queue_size)?;
+            let mmap_size = value % (bound + 1);
+            reply(
+                InflightDescription {
+                    mmap_size,
+                    mmap_offset: 0,
+                    ..asked
+                }
+                .encode(),
+                usize::from(mmap_size != 0),
+            )
+        }
+        _ if request.need_reply() => u64_reply(0),
+        _ => None,
+    }
+}
+
+/// Sends one message with `fds` fresh eventfds attached (at most MAX_FDS: send_message refuses
+/// more). False once the frontend hung up.
+fn send(stream: &UnixStream, header: &Header, payload: &[u8], fds: usize) -> bool {
+    let owned: Vec<OwnedFd> = (0..fds.min(MAX_FDS)).map(|_| eventfd()).collect();
+    let borrowed: Vec<BorrowedFd<'_>> = owned.iter().map(|fd| fd.as_fd()).collect();
+    match send_message(stream, header, payload, &borrowed) {
+        Ok(()) => true,
+        Err(WireError::InvalidSend(why)) => panic!("harness built an unsendable message: {why}"),
+        Err(_) => false,
     }
 }
 
