@@ -7,6 +7,9 @@
 //!  guest irq ◄── call eventfd ◄──────────────────────────── add_used under the queue lock
 //! ```
 //!
+//! A lone request on an idle queue is executed by the dispatcher itself (queue depth 1 then
+//! costs no thread hand-off); batches go to the I/O threads.
+//!
 //! Requests complete out of order: several I/O threads work on one queue, and each adds its
 //! request to the used ring (under the lock that also guards popping) as soon as it is done,
 //! then writes the call eventfd. Stopping a worker (GET_VRING_BASE, a replaced kick fd, a new
@@ -19,7 +22,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::{self, JoinHandle};
@@ -114,6 +117,8 @@ struct QueueShared {
     /// Set before the stop eventfd is written: a guest that keeps the avail ring full must not
     /// keep the dispatcher from noticing the stop.
     stopping: AtomicBool,
+    /// Requests handed to the I/O threads and not completed yet.
+    in_flight: AtomicUsize,
     queue: Mutex<Queue>,
     mem: Arc<GuestMemoryMmap>,
     disk: Arc<Disk>,
@@ -145,6 +150,7 @@ impl QueueWorker {
         let shared = Arc::new(QueueShared {
             index,
             stopping: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
             queue: Mutex::new(queue),
             mem,
             disk,
@@ -275,7 +281,20 @@ fn serve_kicks(
     let mut kick_usable = true;
     // The guest may have queued requests before the kick fd was (re)connected: look once first.
     let mut broken = !fetch_and_send(shared, sender);
+    let avail_idx_addr = {
+        let queue = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        queue.avail_ring().checked_add(2).map(GuestAddress)
+    };
     loop {
+        // Before sleeping in poll(), watch the avail index for a few microseconds: a driver at
+        // queue depth 1 often publishes its next request right after our completion, and
+        // catching it here saves a sleep and a wake-up (QEMU's event loop polls the same way).
+        if !broken
+            && avail_idx_addr.is_some_and(|a| new_request_within(shared, a, POLL_BEFORE_SLEEP))
+        {
+            broken = !fetch_and_send(shared, sender);
+            continue;
+        }
         match wait(kick, stop, kick_usable) {
             Ok(Wake::Stop) => return,
             Ok(Wake::Kick) => {
@@ -302,6 +321,31 @@ fn serve_kicks(
     }
 }
 
+/// How long the dispatcher watches the avail ring before it sleeps on the kick fd.
+const POLL_BEFORE_SLEEP: std::time::Duration = std::time::Duration::from_micros(20);
+
+/// Spins up to `window` until the driver publishes an avail index we have not consumed.
+fn new_request_within(
+    shared: &QueueShared,
+    avail_idx_addr: GuestAddress,
+    window: std::time::Duration,
+) -> bool {
+    let next_avail = shared
+        .queue
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .next_avail();
+    let start = std::time::Instant::now();
+    while !shared.stopping.load(Ordering::Acquire) && start.elapsed() < window {
+        match shared.mem.load::<u16>(avail_idx_addr, Ordering::Acquire) {
+            Ok(idx) if u16::from_le(idx) != next_avail => return true,
+            Ok(_) => std::hint::spin_loop(),
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
 /// Pops every available chain and hands it on. Returns false when the ring is broken (the guest
 /// published an impossible avail index): the queue then stops serving and the err fd is written.
 fn fetch_and_send(shared: &QueueShared, sender: &SyncSender<BlkRequest>) -> bool {
@@ -320,8 +364,19 @@ fn fetch_and_send(shared: &QueueShared, sender: &SyncSender<BlkRequest>) -> bool
         if chains.is_empty() {
             return true;
         }
+        let lone = chains.len() == 1;
         for chain in chains {
-            if sender.send(BlkRequest::parse(chain)).is_err() {
+            let request = BlkRequest::parse(chain);
+            // A lone request on an otherwise idle queue (queue depth 1) runs right here: handing
+            // it to an I/O thread would cost two thread wake-ups for nothing to overlap with.
+            // Several at once go to the I/O threads, so they overlap and may complete out of order.
+            if lone && shared.in_flight.load(Ordering::Acquire) == 0 {
+                complete(shared, request.execute(&shared.mem, &shared.disk));
+                continue;
+            }
+            shared.in_flight.fetch_add(1, Ordering::AcqRel);
+            if sender.send(request).is_err() {
+                shared.in_flight.fetch_sub(1, Ordering::AcqRel);
                 return true;
             }
         }
@@ -346,6 +401,7 @@ fn io_worker(shared: Arc<QueueShared>, receiver: Arc<Mutex<Receiver<BlkRequest>>
         let Ok(request) = next else { return };
         let completion = request.execute(&shared.mem, &shared.disk);
         complete(&shared, completion);
+        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
