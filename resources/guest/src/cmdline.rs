@@ -61,6 +61,9 @@ pub struct MmioDevice {
 pub struct Options {
     /// Wait for completions by interrupt instead of polling the used ring.
     pub irq: bool,
+    /// blk-write-verify: after verifying, reset the device (status 0), bring it up again and
+    /// verify once more (the VMM must stop and restart the backend's rings in between).
+    pub reset: bool,
     pub blocks: u64,
     pub start: u64,
     pub seed: u64,
@@ -75,6 +78,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             irq: false,
+            reset: false,
             blocks: 64,
             start: 0,
             seed: 1,
@@ -195,6 +199,10 @@ pub fn parse(cmdline: &str) -> Result<Config, CmdlineError<'_>> {
             options.irq = true;
             continue;
         }
+        if token == "reset" {
+            options.reset = true;
+            continue;
+        }
         let Some((key, value)) = token.split_once('=') else {
             return Err(CmdlineError::UnknownTest(token));
         };
@@ -259,9 +267,10 @@ mod tests {
     #[test]
     fn first_test_token_wins_and_options_go_anywhere() {
         let config =
-            parse("qd=4 console=ttyS0 blk-bench compute irq rw=randwrite reqs=0x10").unwrap();
+            parse("qd=4 console=ttyS0 blk-bench compute irq rw=randwrite reqs=0x10 reset").unwrap();
         assert_eq!(config.test, Test::BlkBench);
         assert!(config.options.irq);
+        assert!(config.options.reset);
         assert_eq!(config.options.qd, 4);
         assert_eq!(config.options.reqs, 16);
         assert_eq!(config.options.rw, ReadWrite::RandWrite);

@@ -372,6 +372,16 @@ impl BlkDevice {
         })
     }
 
+    /// Resets the device (status 0, which stops it using our memory) and releases the DMA
+    /// memory, so the device can be brought up again with `open`.
+    pub fn close(self) -> Result<(), BlkError> {
+        if !self.transport.reset() {
+            return Err(BlkError::ResetTimeout);
+        }
+        dma::give_back(self.memory);
+        Ok(())
+    }
+
     pub fn base(&self) -> u64 {
         self.transport.base()
     }

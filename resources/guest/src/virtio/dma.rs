@@ -44,3 +44,10 @@ pub fn take() -> Option<*mut DmaMemory> {
     unsafe { core::ptr::write_bytes(memory, 0, 1) };
     Some(memory)
 }
+
+/// Hands the DMA memory back. Only after the device was reset (status 0): a reset device no
+/// longer reads or writes it, so the next `take` may zero it and give it to a new bring-up.
+pub fn give_back(memory: *mut DmaMemory) {
+    debug_assert!(core::ptr::eq(memory, core::ptr::addr_of_mut!(DMA)));
+    TAKEN.store(false, Ordering::Release);
+}
