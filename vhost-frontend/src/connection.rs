@@ -230,6 +230,31 @@ pub fn max_inflight_mmap_size(num_queues: u16, queue_size: u16) -> Option<u64> {
     per_queue.checked_mul(u64::from(num_queues))
 }
 
+/// Checks that the inflight fd holds the bytes the reply describes. Whoever maps it as told (map
+/// `mmap_size` bytes at `mmap_offset`; QEMU zeroes the buffer on reset) would otherwise take a
+/// SIGBUS on the first touch past the end of a short file. A file the backend shrinks later is
+/// beyond what a check now can prevent.
+fn check_inflight_fd(fd: OwnedFd, reply: &InflightDescription) -> Result<OwnedFd, String> {
+    let file = std::fs::File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot stat the inflight fd: {e}"))?;
+    if !meta.file_type().is_file() {
+        return Err("the inflight fd is not a regular file (memfd)".into());
+    }
+    // The caller checked that this sum does not overflow.
+    let end = reply.mmap_offset.saturating_add(reply.mmap_size);
+    if end > meta.len() {
+        return Err(format!(
+            "mmap_offset {:#x} + mmap_size {} lies past the end of the {}-byte inflight fd",
+            reply.mmap_offset,
+            reply.mmap_size,
+            meta.len()
+        ));
+    }
+    Ok(file.into())
+}
+
 /// Why a connection refuses further use.
 #[derive(Debug, Clone)]
 enum Broken {
@@ -677,6 +702,7 @@ impl VhostUserFrontend for Frontend {
                 ));
             }
             let fd = fds.pop().ok_or_else(|| FrontendError::protocol(name, "fd vanished"))?;
+            let fd = check_inflight_fd(fd, &reply).map_err(|detail| FrontendError::protocol(name, detail))?;
             let description = InflightDescription { num_queues, queue_size, ..reply };
             Ok(Some(InflightBuffer { description, fd }))
         })

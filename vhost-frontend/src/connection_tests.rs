@@ -71,6 +71,13 @@ fn memfd() -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// A memfd of `size` bytes: an inflight buffer as a backend hands it over.
+fn memfd_of_size(size: u64) -> OwnedFd {
+    let file = std::fs::File::from(memfd());
+    file.set_len(size).expect("memfd size");
+    file.into()
+}
+
 fn expect_protocol(err: FrontendError, message: &str, detail_has: &str) {
     match &err {
         FrontendError::Protocol { message: m, detail } => {
@@ -131,7 +138,7 @@ fn good_backend(stream: UnixStream) -> Vec<String> {
             FrontendMessage::GetInflightFd(d) => {
                 let size = u64::from(d.num_queues)
                     * (16 + 16 * u64::from(d.queue_size)).next_multiple_of(64);
-                let fd = memfd();
+                let fd = memfd_of_size(size);
                 let desc = InflightDescription {
                     mmap_size: size,
                     mmap_offset: 0,
@@ -606,7 +613,7 @@ fn reply_ack_failures_are_reported_on_the_message() {
 #[test]
 fn hostile_inflight_replies() {
     type Answer = fn(&UnixStream, InflightDescription);
-    let cases: [(&str, Answer, Option<&str>); 7] = [
+    let cases: [(&str, Answer, Option<&str>); 10] = [
         (
             "no fd",
             |s, d| {
@@ -687,6 +694,44 @@ fn hostile_inflight_replies() {
                 reply(s, Request::GetInflightFd, &desc.encode(), &[fd.as_fd()])
             },
             Some("overflows"),
+        ),
+        (
+            // Mapping it as told would SIGBUS on the first touch past the file's end.
+            "fd shorter than offset + size",
+            |s, d| {
+                let fd = memfd_of_size(2112);
+                let desc = InflightDescription {
+                    mmap_size: 2112,
+                    mmap_offset: 4096,
+                    ..d
+                };
+                reply(s, Request::GetInflightFd, &desc.encode(), &[fd.as_fd()])
+            },
+            Some("past the end"),
+        ),
+        (
+            "empty memfd",
+            |s, d| {
+                let fd = memfd();
+                let desc = InflightDescription {
+                    mmap_size: 2112,
+                    ..d
+                };
+                reply(s, Request::GetInflightFd, &desc.encode(), &[fd.as_fd()])
+            },
+            Some("past the end"),
+        ),
+        (
+            "not a file",
+            |s, d| {
+                let fd = eventfd();
+                let desc = InflightDescription {
+                    mmap_size: 2112,
+                    ..d
+                };
+                reply(s, Request::GetInflightFd, &desc.encode(), &[fd.as_fd()])
+            },
+            Some("not a regular file"),
         ),
         (
             "20-byte packed struct",
