@@ -300,10 +300,13 @@ impl Frontend {
     }
 
     /// Bounds how long a reply may take (`None`: wait forever). A backend that stops answering
-    /// then gives `TimedOut` instead of hanging the VMM.
+    /// then gives `TimedOut` instead of hanging the VMM. Sends get the same bound: a backend that
+    /// stops reading fills the socket buffer with requests that need no reply, and the next send
+    /// would otherwise block for ever.
     pub fn set_reply_timeout(&mut self, timeout: Option<Duration>) -> Result<(), FrontendError> {
         self.stream
             .set_read_timeout(timeout)
+            .and_then(|()| self.stream.set_write_timeout(timeout))
             .map_err(|e| FrontendError::Io("set_reply_timeout", e))
     }
 

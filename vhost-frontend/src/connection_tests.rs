@@ -495,6 +495,35 @@ fn silence_is_a_timeout_naming_the_message() {
     });
 }
 
+/// A backend that stops reading: without REPLY_ACK nothing waits for a reply, so the requests pile
+/// up until the socket buffer is full (a device start with 64 queues sends ~400). The send must
+/// then time out too, not block the VMM (a vCPU thread) for ever.
+#[test]
+fn a_backend_that_stops_reading_times_the_send_out() {
+    let _guard = FD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let mut frontend = Frontend::from_stream(ours, "test");
+    frontend
+        .set_reply_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let sender = std::thread::spawn(move || {
+        let result = (0..100_000).try_for_each(|_| frontend.set_vring_num(0, 128));
+        let _ = done_tx.send(result);
+    });
+    let outcome = done_rx.recv_timeout(Duration::from_secs(10));
+    // Closing the unread end unblocks a stuck send (EPIPE), so the thread can be joined.
+    drop(theirs);
+    sender.join().unwrap();
+    match outcome {
+        Ok(Err(FrontendError::TimedOut {
+            during: "SET_VRING_NUM",
+        })) => {}
+        Ok(other) => panic!("expected a send timeout, got {other:?}"),
+        Err(_) => panic!("send blocked for 10 s on a backend that does not read"),
+    }
+}
+
 /// Negotiates REPLY_ACK with the fake backend first, then lets `then` play the backend.
 fn with_reply_ack<T: Send + 'static>(
     then: impl FnOnce(&UnixStream) -> T + Send + 'static,
