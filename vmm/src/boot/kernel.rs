@@ -221,11 +221,46 @@ pub fn load_kernel(
         });
     }
     let r = BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+    // The image we copied is only the start: the kernel decompresses itself elsewhere and needs
+    // init_size bytes there before it reads the memory map, so nothing of ours may sit in it.
+    let end = match r.setup_header {
+        Some(h) => r.kernel_end.max(bzimage_runtime_end(&h, r.kernel_load.0)),
+        None => r.kernel_end,
+    };
+    if end > ram_end {
+        return Err(KernelError::TooBig {
+            path: p,
+            end,
+            ram_end,
+        });
+    }
     Ok(LoadedKernel {
         kind: EntryKind::BzImage,
         // The 64-bit entry point sits 0x200 bytes into the protected-mode kernel.
         entry: r.kernel_load.0 + 0x200,
-        end: r.kernel_end,
+        end,
         setup_header: r.setup_header,
     })
+}
+
+/// First byte past the memory a bzImage uses while it decompresses and boots: init_size bytes
+/// from its "kernel runtime start address" (boot protocol: a relocatable kernel runs at its
+/// load address rounded up to kernel_alignment, but never below pref_address; a fixed one at
+/// pref_address). Linux's 64-bit decompressor computes the same. pref_address and init_size
+/// exist from protocol 2.10 on; before that the header says nothing and the load end stands.
+fn bzimage_runtime_end(h: &setup_header, load_addr: u64) -> u64 {
+    let (version, pref_address, init_size) = (h.version, h.pref_address, h.init_size);
+    if version < 0x20a {
+        return load_addr;
+    }
+    let runtime_start = if h.relocatable_kernel != 0 {
+        let align = u64::from(h.kernel_alignment).max(1);
+        load_addr
+            .max(pref_address)
+            .checked_next_multiple_of(align)
+            .unwrap_or(u64::MAX)
+    } else {
+        pref_address
+    };
+    runtime_start.saturating_add(u64::from(init_size))
 }

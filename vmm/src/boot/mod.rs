@@ -40,11 +40,7 @@ pub fn prepare(
 ) -> Result<LoadedKernel, BootError> {
     let mem = ram.memory();
     let low_end = ram.low_ram_end();
-    let mut k = kernel::load_kernel(kernel_path, mem, low_end)?;
-    if let (EntryKind::BzImage, Some(h)) = (k.kind, k.setup_header) {
-        // The bzImage decompresses in place and needs init_size bytes from its load address.
-        k.end = k.end.max(crate::layout::HIMEM_START + h.init_size as u64);
-    }
+    let k = kernel::load_kernel(kernel_path, mem, low_end)?;
 
     let initrd = match initrd_path {
         None => None,
@@ -75,4 +71,87 @@ pub fn prepare(
     }
     cpu::write_boot_structures(mem, k.kind)?;
     Ok(k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use vmm_sys_util::tempfile::TempFile;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A bzImage with just the setup header a loader reads: one setup sector, a 4 KiB payload,
+    /// and the decompression numbers of a relocatable kernel (runs at 16 MiB, needs 8 MiB).
+    fn fake_bzimage() -> TempFile {
+        let mut img = vec![0u8; 1024 + 4096];
+        let put = |img: &mut Vec<u8>, off: usize, bytes: &[u8]| {
+            img[off..off + bytes.len()].copy_from_slice(bytes)
+        };
+        img[0x1f1] = 1; // setup_sects
+        put(&mut img, 0x1fe, &0xaa55u16.to_le_bytes());
+        put(&mut img, 0x202, b"HdrS");
+        put(&mut img, 0x206, &0x020fu16.to_le_bytes()); // protocol 2.15
+        img[0x211] = 1; // loadflags: LOADED_HIGH
+        put(&mut img, 0x214, &0x10_0000u32.to_le_bytes()); // code32_start
+        put(&mut img, 0x22c, &0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+        put(&mut img, 0x230, &(2 * MIB as u32).to_le_bytes()); // kernel_alignment
+        img[0x234] = 1; // relocatable_kernel
+        put(&mut img, 0x236, &1u16.to_le_bytes()); // xloadflags: XLF_KERNEL_64
+        put(&mut img, 0x238, &2047u32.to_le_bytes()); // cmdline_size
+        put(&mut img, 0x258, &(16 * MIB).to_le_bytes()); // pref_address
+        put(&mut img, 0x260, &(8 * MIB as u32).to_le_bytes()); // init_size
+        let f = TempFile::new().unwrap();
+        f.as_file().write_all(&img).unwrap();
+        f
+    }
+
+    fn initrd(size: u64) -> TempFile {
+        let f = TempFile::new().unwrap();
+        f.as_file().set_len(size).unwrap();
+        f
+    }
+
+    #[test]
+    fn bzimage_initrd_stays_clear_of_where_the_kernel_decompresses() {
+        let kernel = fake_bzimage();
+        let ram = GuestRam::new(32 * MIB).unwrap();
+        // The kernel runs at [16 MiB, 24 MiB): a 12 MiB initrd at the top of 32 MiB would start
+        // at 20 MiB, inside it, so it cannot be placed.
+        let rd = initrd(12 * MIB);
+        let r = prepare(&ram, kernel.as_path(), Some(rd.as_path()), "", 1, &[]);
+        assert!(
+            matches!(
+                r,
+                Err(BootError::Params(params::ParamsError::InitrdTooBig { kernel_end, .. }))
+                    if kernel_end == 24 * MIB
+            ),
+            "{r:?}"
+        );
+        // One that fits above 24 MiB is placed there.
+        let rd = initrd(4 * MIB);
+        let k = prepare(&ram, kernel.as_path(), Some(rd.as_path()), "", 1, &[]).unwrap();
+        assert_eq!(k.end, 24 * MIB);
+        let zero_page: linux_loader::loader::bootparam::boot_params = ram
+            .memory()
+            .read_obj(GuestAddress(crate::layout::ZERO_PAGE_START))
+            .unwrap();
+        let image = zero_page.hdr.ramdisk_image;
+        assert_eq!(u64::from(image), 28 * MIB);
+    }
+
+    #[test]
+    fn bzimage_needing_more_than_ram_is_refused() {
+        let kernel = fake_bzimage();
+        // 16 MiB of RAM: the kernel would decompress to [16 MiB, 24 MiB), beyond the end.
+        let ram = GuestRam::new(16 * MIB).unwrap();
+        let r = prepare(&ram, kernel.as_path(), None, "", 1, &[]);
+        assert!(
+            matches!(
+                r,
+                Err(BootError::Kernel(kernel::KernelError::TooBig { end, .. })) if end == 24 * MIB
+            ),
+            "{r:?}"
+        );
+    }
 }
