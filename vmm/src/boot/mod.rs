@@ -62,7 +62,13 @@ pub fn prepare(
         }
     };
 
-    params::write_cmdline(mem, cmdline, CMDLINE_MAX_SIZE)?;
+    // A bzImage states how long a command line it reads (without the NUL); Linux silently cuts
+    // a longer one, and the virtio_mmio.device= entries we append at the end would be lost.
+    let cmdline_max = match k.setup_header {
+        Some(h) => CMDLINE_MAX_SIZE.min(h.cmdline_size as usize + 1),
+        None => CMDLINE_MAX_SIZE,
+    };
+    params::write_cmdline(mem, cmdline, cmdline_max)?;
     let e820 = params::e820_map(ram.regions());
     let rsdp = acpi::write_tables(mem, cpus, mmio_devices)?;
     match k.kind {
@@ -138,6 +144,24 @@ mod tests {
             .unwrap();
         let image = zero_page.hdr.ramdisk_image;
         assert_eq!(u64::from(image), 28 * MIB);
+    }
+
+    #[test]
+    fn bzimage_command_line_is_bounded_by_the_kernels_cmdline_size() {
+        let kernel = fake_bzimage();
+        let ram = GuestRam::new(32 * MIB).unwrap();
+        // The header says 2047 bytes; the kernel would cut a longer line without a word.
+        let r = prepare(&ram, kernel.as_path(), None, &"x".repeat(2048), 1, &[]);
+        assert!(
+            matches!(
+                r,
+                Err(BootError::Params(params::ParamsError::CmdlineTooLong(
+                    2048, 2047
+                )))
+            ),
+            "{r:?}"
+        );
+        prepare(&ram, kernel.as_path(), None, &"x".repeat(2047), 1, &[]).unwrap();
     }
 
     #[test]
