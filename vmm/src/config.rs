@@ -10,6 +10,8 @@ pub enum ConfigError {
     MemTooSmall(u64, u64),
     #[error("memory size {0} bytes is too large: at most {1} bytes are supported")]
     MemTooLarge(u64, u64),
+    #[error("memory size {0} bytes is not a multiple of 4 KiB (KVM maps guest RAM in pages)")]
+    MemNotPageAligned(u64),
     #[error("--cpus must be between 1 and {max}, got {got}")]
     BadCpuCount { got: u32, max: u32 },
     #[error("invalid --blk '{0}': {1}")]
@@ -50,6 +52,9 @@ pub const MAX_MEM_BYTES: u64 = 64 << 30;
 /// The in-kernel IOAPIC/MADT we build have room for this many local APICs.
 pub const MAX_CPUS: u32 = 64;
 
+/// KVM_SET_USER_MEMORY_REGION takes whole pages only.
+const PAGE_SIZE: u64 = 4096;
+
 /// Parses `256M`, `1G`, `4096K`, `1048576` (bytes).
 pub fn parse_mem_size(s: &str) -> Result<u64, ConfigError> {
     let bad = || ConfigError::BadMemSize(s.to_string());
@@ -67,6 +72,9 @@ pub fn parse_mem_size(s: &str) -> Result<u64, ConfigError> {
     }
     if bytes > MAX_MEM_BYTES {
         return Err(ConfigError::MemTooLarge(bytes, MAX_MEM_BYTES));
+    }
+    if !bytes.is_multiple_of(PAGE_SIZE) {
+        return Err(ConfigError::MemNotPageAligned(bytes));
     }
     Ok(bytes)
 }
@@ -144,6 +152,10 @@ mod tests {
             parse_mem_size("100G"),
             Err(ConfigError::MemTooLarge(..))
         ));
+        assert_eq!(
+            parse_mem_size("8388609"),
+            Err(ConfigError::MemNotPageAligned(8388609))
+        );
         assert!(matches!(
             parse_mem_size(""),
             Err(ConfigError::BadMemSize(_))
