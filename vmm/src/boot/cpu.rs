@@ -30,7 +30,17 @@ const EFER_LMA: u64 = 1 << 10;
 const CODE64: u16 = 0xa09b; // present, ring 0, exec/read, long mode, 4 KiB granular
 const CODE32: u16 = 0xc09b; // present, ring 0, exec/read, 32-bit, 4 KiB granular
 const DATA: u16 = 0xc093; // present, ring 0, read/write, 4 KiB granular
-const TSS: u16 = 0x808b; // present, busy 64-bit TSS
+const TSS: u16 = 0x008b; // present, busy TSS, byte granular
+/// The smallest TSS (PVH asks for limit 0x67); nothing in it is used before the kernel loads its own.
+const TSS_LIMIT: u32 = 0x67;
+
+/// GDT slots. The Linux 64-bit boot protocol requires CS = __BOOT_CS (0x10) and
+/// DS/ES/SS = __BOOT_DS (0x18); the TSS goes where Linux's own boot GDT has it (0x20). Slot 1 stays
+/// empty. PVH leaves selectors free, so it uses the same table.
+const BOOT_CS_INDEX: u16 = 2;
+const BOOT_DS_INDEX: u16 = 3;
+const BOOT_TSS_INDEX: u16 = 4;
+const GDT_ENTRIES: usize = 5;
 
 fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
     ((base as u64 & 0xff00_0000) << 32)
@@ -40,12 +50,13 @@ fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
         | (limit as u64 & 0xffff)
 }
 
-fn segment(index: u16, flags: u16) -> kvm_segment {
+fn segment(index: u16, flags: u16, limit: u32) -> kvm_segment {
     let access = flags & 0xff;
     let g = (flags >> 15) & 1;
     kvm_segment {
         base: 0,
-        limit: if g == 1 { 0xffff_ffff } else { 0xfffff },
+        // KVM wants the limit in bytes: a 4 KiB granular limit counts pages.
+        limit: if g == 1 { (limit << 12) | 0xfff } else { limit },
         selector: index * 8,
         type_: (access & 0xf) as u8,
         present: ((access >> 7) & 1) as u8,
@@ -67,12 +78,10 @@ pub fn write_boot_structures(mem: &GuestMemoryMmap, kind: EntryKind) -> Result<(
     } else {
         CODE64
     };
-    let gdt = [
-        0,
-        gdt_entry(code, 0, 0xfffff),
-        gdt_entry(DATA, 0, 0xfffff),
-        gdt_entry(TSS, 0, 0xfffff),
-    ];
+    let mut gdt = [0u64; GDT_ENTRIES];
+    gdt[usize::from(BOOT_CS_INDEX)] = gdt_entry(code, 0, 0xfffff);
+    gdt[usize::from(BOOT_DS_INDEX)] = gdt_entry(DATA, 0, 0xfffff);
+    gdt[usize::from(BOOT_TSS_INDEX)] = gdt_entry(TSS, 0, TSS_LIMIT);
     for (i, e) in gdt.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(GDT_START + 8 * i as u64))
             .map_err(CpuError::Write)?;
@@ -99,17 +108,9 @@ pub fn configure_sregs(vcpu: &VcpuFd, kind: EntryKind) -> Result<(), CpuError> {
     let mut s: kvm_sregs = vcpu
         .get_sregs()
         .map_err(|e| CpuError::Kvm("KVM_GET_SREGS", e))?;
-    let code = if kind == EntryKind::Pvh {
-        CODE32
-    } else {
-        CODE64
-    };
-    let code_seg = segment(1, code);
-    let data_seg = segment(2, DATA);
-    let mut tss_seg = segment(3, TSS);
-    tss_seg.s = 0;
+    let (code_seg, data_seg, tss_seg) = boot_segments(kind);
     s.gdt.base = GDT_START;
-    s.gdt.limit = 4 * 8 - 1;
+    s.gdt.limit = (GDT_ENTRIES * 8 - 1) as u16;
     s.idt.base = 0;
     s.idt.limit = 0;
     s.cs = code_seg;
@@ -135,6 +136,20 @@ pub fn configure_sregs(vcpu: &VcpuFd, kind: EntryKind) -> Result<(), CpuError> {
     }
     vcpu.set_sregs(&s)
         .map_err(|e| CpuError::Kvm("KVM_SET_SREGS", e))
+}
+
+/// CS, the data segment (DS, ES, FS, GS, SS) and TR as the GDT from `write_boot_structures` holds them.
+fn boot_segments(kind: EntryKind) -> (kvm_segment, kvm_segment, kvm_segment) {
+    let code = if kind == EntryKind::Pvh {
+        CODE32
+    } else {
+        CODE64
+    };
+    (
+        segment(BOOT_CS_INDEX, code, 0xfffff),
+        segment(BOOT_DS_INDEX, DATA, 0xfffff),
+        segment(BOOT_TSS_INDEX, TSS, TSS_LIMIT),
+    )
 }
 
 pub fn configure_regs(vcpu: &VcpuFd, kind: EntryKind, entry: u64) -> Result<(), CpuError> {
@@ -212,10 +227,40 @@ mod tests {
     fn gdt_entries_match_the_architectural_encoding() {
         assert_eq!(gdt_entry(CODE64, 0, 0xfffff), 0x00af_9b00_0000_ffff);
         assert_eq!(gdt_entry(DATA, 0, 0xfffff), 0x00cf_9300_0000_ffff);
-        let s = segment(1, CODE64);
+        let s = segment(1, CODE64, 0xfffff);
         assert_eq!(
-            (s.l, s.db, s.dpl, s.present, s.type_, s.selector),
-            (1, 0, 0, 1, 0xb, 8)
+            (s.l, s.db, s.dpl, s.present, s.type_, s.selector, s.limit),
+            (1, 0, 0, 1, 0xb, 8, 0xffff_ffff)
         );
+    }
+
+    fn descriptor(mem: &GuestMemoryMmap, selector: u16) -> u64 {
+        mem.read_obj(GuestAddress(GDT_START + u64::from(selector)))
+            .unwrap()
+    }
+
+    #[test]
+    fn linux_64bit_entry_finds_boot_cs_at_0x10_and_boot_ds_at_0x18() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        write_boot_structures(&mem, EntryKind::BzImage).unwrap();
+        // Documentation/arch/x86/boot.rst, 64-bit boot protocol: __BOOT_CS(0x10), __BOOT_DS(0x18).
+        assert_eq!(descriptor(&mem, 0x10), gdt_entry(CODE64, 0, 0xfffff));
+        assert_eq!(descriptor(&mem, 0x18), gdt_entry(DATA, 0, 0xfffff));
+        let (cs, ds, tr) = boot_segments(EntryKind::BzImage);
+        assert_eq!((cs.selector, ds.selector), (0x10, 0x18));
+        // TR names a TSS descriptor (system segment, busy) of the size PVH asks for.
+        let tss = descriptor(&mem, tr.selector);
+        assert_eq!((tss >> 40) & 0x9f, 0x8b, "present, system, busy TSS");
+        assert_eq!((tr.s, tr.type_, tr.limit), (0, 0xb, 0x67));
+    }
+
+    #[test]
+    fn pvh_entry_gets_flat_32bit_segments() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        write_boot_structures(&mem, EntryKind::Pvh).unwrap();
+        let (cs, ds, _) = boot_segments(EntryKind::Pvh);
+        assert_eq!(descriptor(&mem, cs.selector), gdt_entry(CODE32, 0, 0xfffff));
+        assert_eq!(descriptor(&mem, ds.selector), gdt_entry(DATA, 0, 0xfffff));
+        assert_eq!((cs.db, cs.l, cs.limit), (1, 0, 0xffff_ffff));
     }
 }
