@@ -39,6 +39,14 @@ pub const QUEUE_DRIVER_LOW: u64 = 0x090; // W: the avail ring
 pub const QUEUE_DRIVER_HIGH: u64 = 0x094; // W
 pub const QUEUE_DEVICE_LOW: u64 = 0x0a0; // W: the used ring
 pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4; // W
+/// Shared memory regions (§4.2.2): the driver selects a region id, then reads its length and
+/// base. No device here has one, and the spec says a missing region reads length -1 (Linux
+/// takes 0 for a region that exists and is empty).
+pub const SHM_SEL: u64 = 0x0ac; // W
+pub const SHM_LEN_LOW: u64 = 0x0b0; // R
+pub const SHM_LEN_HIGH: u64 = 0x0b4; // R
+pub const SHM_BASE_LOW: u64 = 0x0b8; // R
+pub const SHM_BASE_HIGH: u64 = 0x0bc; // R
 pub const CONFIG_GENERATION: u64 = 0x0fc; // R
 pub const CONFIG_SPACE: u64 = 0x100; // RW, any width
 
@@ -88,6 +96,11 @@ pub fn register_name(offset: u64) -> &'static str {
         QUEUE_DRIVER_HIGH => "QueueDriverHigh",
         QUEUE_DEVICE_LOW => "QueueDeviceLow",
         QUEUE_DEVICE_HIGH => "QueueDeviceHigh",
+        SHM_SEL => "SHMSel",
+        SHM_LEN_LOW => "SHMLenLow",
+        SHM_LEN_HIGH => "SHMLenHigh",
+        SHM_BASE_LOW => "SHMBaseLow",
+        SHM_BASE_HIGH => "SHMBaseHigh",
         CONFIG_GENERATION => "ConfigGeneration",
         _ => "unknown",
     }

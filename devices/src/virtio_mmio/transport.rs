@@ -264,6 +264,10 @@ impl MmioTransport {
             reg::INTERRUPT_STATUS => self.interrupts.read(&self.memory),
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => self.config_generation,
+            // Whatever SHMSel says, the region does not exist: length (and base) all ones.
+            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {
+                u32::MAX
+            }
             _ => {
                 debug!(
                     offset,
@@ -291,6 +295,10 @@ impl MmioTransport {
             | reg::QUEUE_DEVICE_HIGH => self.write_queue_register(offset, value),
             reg::QUEUE_NOTIFY => self.notify_queue(value),
             reg::INTERRUPT_ACK => self.interrupts.acknowledge(value, &self.memory),
+            reg::SHM_SEL => debug!(
+                value,
+                "virtio-mmio: SHMSel written; the device has no shared memory regions"
+            ),
             reg::STATUS => self.write_status(value),
             _ => debug!(
                 offset,

@@ -489,6 +489,18 @@ fn unknown_and_write_only_registers_read_zero() {
 }
 
 #[test]
+fn missing_shared_memory_regions_read_length_minus_one() {
+    let (mut t, _) = transport();
+    for id in [0, 1, 0xff] {
+        write32(&mut t, reg::SHM_SEL, id);
+        let len = u64::from(read32(&mut t, reg::SHM_LEN_LOW))
+            | (u64::from(read32(&mut t, reg::SHM_LEN_HIGH)) << 32);
+        // Linux's vm_get_shm_region: only a length of -1 means "no such region".
+        assert_eq!(len, u64::MAX, "region {id}");
+    }
+}
+
+#[test]
 fn config_space_any_width() {
     let (mut t, record) = transport();
     let mut byte = [0u8; 1];
