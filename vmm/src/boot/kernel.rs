@@ -42,6 +42,8 @@ pub enum KernelError {
     LoadsTooLow { path: String, addr: u64 },
     #[error("{path}: bzImage uses boot protocol {version:#x}; 2.06 or newer is needed")]
     OldBootProtocol { path: String, version: u16 },
+    #[error("{path}: bzImage has no 64-bit entry point (XLF_KERNEL_64 is clear: a 32-bit kernel)")]
+    No64BitEntry { path: String },
     #[error("loading {path} failed: {err}")]
     Load {
         path: String,
@@ -197,7 +199,7 @@ pub fn load_kernel(
     }
 
     // bzImage: "HdrS" at 0x202 marks the Linux boot protocol header.
-    let mut hdr = [0u8; 0x210];
+    let mut hdr = [0u8; 0x240]; // through cmdline_size (0x238)
     if len < hdr.len() as u64
         || read_at(&mut f, 0, &mut hdr).is_err()
         || &hdr[0x202..0x206] != b"HdrS"
@@ -207,6 +209,11 @@ pub fn load_kernel(
     let version = le16(&hdr, 0x206);
     if version < 0x206 {
         return Err(KernelError::OldBootProtocol { path: p, version });
+    }
+    // From protocol 2.12 xloadflags says whether the 64-bit entry (load address + 0x200) exists.
+    const XLF_KERNEL_64: u16 = 1 << 0;
+    if version >= 0x20c && le16(&hdr, 0x236) & XLF_KERNEL_64 == 0 {
+        return Err(KernelError::No64BitEntry { path: p });
     }
     let setup_sects = match hdr[0x1f1] {
         0 => 4,

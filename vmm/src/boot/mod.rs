@@ -90,6 +90,10 @@ mod tests {
     /// A bzImage with just the setup header a loader reads: one setup sector, a 4 KiB payload,
     /// and the decompression numbers of a relocatable kernel (runs at 16 MiB, needs 8 MiB).
     fn fake_bzimage() -> TempFile {
+        fake_bzimage_with_xloadflags(1)
+    }
+
+    fn fake_bzimage_with_xloadflags(xloadflags: u16) -> TempFile {
         let mut img = vec![0u8; 1024 + 4096];
         let put = |img: &mut Vec<u8>, off: usize, bytes: &[u8]| {
             img[off..off + bytes.len()].copy_from_slice(bytes)
@@ -103,7 +107,7 @@ mod tests {
         put(&mut img, 0x22c, &0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
         put(&mut img, 0x230, &(2 * MIB as u32).to_le_bytes()); // kernel_alignment
         img[0x234] = 1; // relocatable_kernel
-        put(&mut img, 0x236, &1u16.to_le_bytes()); // xloadflags: XLF_KERNEL_64
+        put(&mut img, 0x236, &xloadflags.to_le_bytes()); // 1 = XLF_KERNEL_64
         put(&mut img, 0x238, &2047u32.to_le_bytes()); // cmdline_size
         put(&mut img, 0x258, &(16 * MIB).to_le_bytes()); // pref_address
         put(&mut img, 0x260, &(8 * MIB as u32).to_le_bytes()); // init_size
@@ -162,6 +166,20 @@ mod tests {
             "{r:?}"
         );
         prepare(&ram, kernel.as_path(), None, &"x".repeat(2047), 1, &[]).unwrap();
+    }
+
+    #[test]
+    fn bzimage_without_a_64bit_entry_is_refused() {
+        let kernel = fake_bzimage_with_xloadflags(0);
+        let ram = GuestRam::new(32 * MIB).unwrap();
+        let r = prepare(&ram, kernel.as_path(), None, "", 1, &[]);
+        assert!(
+            matches!(
+                r,
+                Err(BootError::Kernel(kernel::KernelError::No64BitEntry { .. }))
+            ),
+            "{r:?}"
+        );
     }
 
     #[test]
