@@ -133,7 +133,7 @@ impl Vm {
             let fd = vm
                 .create_vcpu(id as u64)
                 .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
-            cpu::configure_cpuid(&kvm, &fd, id)?;
+            cpu::configure_cpuid(&kvm, &fd, id, cfg.cpus)?;
             cpu::configure_lapic(&fd)?;
             cpu::configure_fpu(&fd)?;
             // Application processors wait for INIT/SIPI from the BSP, as on real hardware.
