@@ -2,7 +2,7 @@
 //! map the very same pages (SET_MEM_TABLE sends this fd), so the data path needs no copies.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::FromRawFd;
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -101,10 +101,6 @@ impl GuestRam {
         self.regions[0].size
     }
 
-    pub fn total_size(&self) -> u64 {
-        self.regions.iter().map(|r| r.size).sum()
-    }
-
     /// Host virtual address of each region, for KVM_SET_USER_MEMORY_REGION and SET_MEM_TABLE.
     pub fn host_addresses(&self) -> Vec<(RamRegion, u64)> {
         self.regions
@@ -112,14 +108,6 @@ impl GuestRam {
             .zip(self.mem.iter())
             .map(|(r, m)| (*r, m.as_ptr() as u64))
             .collect()
-    }
-
-    pub fn memfd_raw(&self) -> i32 {
-        self.memfd.as_raw_fd()
-    }
-
-    pub fn last_addr(&self) -> u64 {
-        self.mem.last_addr().0
     }
 }
 

@@ -53,16 +53,12 @@ fn kvm_open_hint(e: &kvm_ioctls::Error) -> &'static str {
     }
 }
 
-/// True when /dev/kvm is served by the PVM module: guest ring-0 code is emulated there.
-pub fn host_is_pvm() -> bool {
-    std::path::Path::new("/sys/module/kvm_pvm").exists()
-}
-
+/// A built VM. The KVM handles, guest RAM (mapped, and registered with KVM and the backends)
+/// and the in-process backend threads live as long as it does.
 pub struct Vm {
     _kvm: Kvm,
-    vm: VmFd,
-    ram: GuestRam,
-    devices: DeviceManager,
+    _vm: VmFd,
+    _ram: GuestRam,
     vcpus: Vec<Vcpu<Stdout>>,
     io: Arc<Mutex<LegacyIo<Stdout>>>,
     _fallback_threads: virtio::FallbackThreads,
@@ -151,25 +147,12 @@ impl Vm {
         }
         Ok(Vm {
             _kvm: kvm,
-            vm,
-            ram,
-            devices,
+            _vm: vm,
+            _ram: ram,
             vcpus,
             io,
             _fallback_threads: fallback_threads,
         })
-    }
-
-    pub fn vm_fd(&self) -> &VmFd {
-        &self.vm
-    }
-
-    pub fn ram(&self) -> &GuestRam {
-        &self.ram
-    }
-
-    pub fn devices(&self) -> &DeviceManager {
-        &self.devices
     }
 
     /// Runs the vCPUs until the first one reports an exit; the caller exits the process, which
