@@ -445,6 +445,17 @@ impl VhostUserDevice {
         Ok(())
     }
 
+    /// A failure while stopping rings. Unlike elsewhere, a refusal does not leave the
+    /// connection usable: a backend that will not stop a ring may go on using guest memory the
+    /// driver is about to reuse, so we stop talking to it.
+    fn stop_failed(&mut self, during: &'static str, source: FrontendError) -> VhostUserDeviceError {
+        let err = self.failed(during, source);
+        if matches!(self.state, BackendState::Running { .. }) {
+            self.state = BackendState::Broken { during };
+        }
+        err
+    }
+
     fn stop(&mut self) -> Result<(), VhostUserDeviceError> {
         let started: Vec<u16> = match &self.state {
             BackendState::Running { queues, .. } => queues.iter().map(|q| q.index).collect(),
@@ -457,11 +468,20 @@ impl VhostUserDevice {
             // QEMU's order: stop fetching new requests first, then GET_VRING_BASE, which the
             // backend answers once the ring is stopped, with where it stopped.
             if let Err(err) = self.frontend.set_vring_enable(index, false) {
-                return Err(self.failed("SET_VRING_ENABLE", err));
+                return Err(self.stop_failed("SET_VRING_ENABLE", err));
             }
             match self.frontend.get_vring_base(index) {
-                Ok(base) => last_bases.push((queue, base)),
-                Err(err) => return Err(self.failed("GET_VRING_BASE", err)),
+                // A split ring's position is a 16-bit index; anything larger is not one, and
+                // must never be handed back in SET_VRING_BASE when the ring restarts.
+                Ok(base) if base <= u32::from(u16::MAX) => last_bases.push((queue, base)),
+                Ok(base) => {
+                    let err = FrontendError::Protocol {
+                        message: "GET_VRING_BASE",
+                        detail: format!("queue {queue}: base {base:#x} is not a 16-bit ring index"),
+                    };
+                    return Err(self.stop_failed("GET_VRING_BASE", err));
+                }
+                Err(err) => return Err(self.stop_failed("GET_VRING_BASE", err)),
             }
         }
         debug!(?last_bases, "vhost-user device: queues stopped");

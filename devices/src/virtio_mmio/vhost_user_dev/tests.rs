@@ -689,6 +689,42 @@ fn backend_breaking_the_protocol_at_reset_leaves_the_device_broken() {
 }
 
 #[test]
+fn a_backend_refusing_to_stop_a_ring_is_not_trusted_again() {
+    let (mut device, backend, _file) = device();
+    let (kicks, call) = eventfds(2);
+    device
+        .activate(VERSION_1, &[queue(0, 0x1_0000)], &kicks, &call)
+        .unwrap();
+    backend.lock().unwrap().fail_on = Some(("SET_VRING_ENABLE", Failure::Refused));
+    assert!(device.reset().is_err());
+    assert_eq!(
+        device.state(),
+        &BackendState::Broken {
+            during: "SET_VRING_ENABLE"
+        }
+    );
+}
+
+#[test]
+fn a_ring_base_beyond_16_bits_is_a_protocol_error() {
+    let (mut device, backend, _file) = device();
+    let (kicks, call) = eventfds(2);
+    device
+        .activate(VERSION_1, &[queue(0, 0x1_0000)], &kicks, &call)
+        .unwrap();
+    backend.lock().unwrap().vring_bases.push_back(0x1_0000);
+    let err = device.reset().unwrap_err();
+    let text = crate::virtio_mmio::error_chain(&err);
+    assert!(text.contains("not a 16-bit ring index"), "{text}");
+    assert_eq!(
+        device.state(),
+        &BackendState::Broken {
+            during: "GET_VRING_BASE"
+        }
+    );
+}
+
+#[test]
 fn a_refusal_mid_start_stops_what_was_started() {
     let (mut device, backend, _file) = device();
     backend.lock().unwrap().fail_on = Some(("SET_VRING_ADDR", Failure::Refused));
