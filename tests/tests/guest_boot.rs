@@ -114,3 +114,56 @@ fn plain_elf64_entry_without_pvh_note() {
     let o = vmm_run(&["--kernel", k.to_str().unwrap(), "--cmdline", "exit=9"], T);
     assert_eq!(o.code(), Some(9), "{}", o.describe());
 }
+
+/// With a terminal on stdin (`script` provides one), the console is character-at-a-time with no
+/// local echo while the guest runs, and the terminal is restored afterwards, also when vmm is
+/// ended by Ctrl-C (SIGINT).
+#[test]
+fn console_is_raw_while_the_guest_runs_and_restored_after() {
+    require_kvm();
+    let vmm = integration_tests::vmm_bin();
+    let run = format!(
+        "{} run --kernel {} --cmdline compute > /dev/null",
+        vmm.display(),
+        guest_elf().display()
+    );
+    let tokens = |out: &str, tag: &str| -> Vec<String> {
+        let line = out
+            .lines()
+            .find(|l| l.contains(tag))
+            .unwrap_or_else(|| panic!("no {tag} in {out}"));
+        line.split_whitespace().map(str::to_string).collect()
+    };
+    let script = |shell: &str| {
+        let mut c = std::process::Command::new("script");
+        c.args(["-qec", shell, "/dev/null"]);
+        integration_tests::run_with_timeout(&mut c, T)
+    };
+
+    let o = script(&format!(
+        "(until pgrep -x -P $$ vmm > /dev/null; do sleep 0.05; done; sleep 0.3; echo DURING: $(stty -a < /dev/tty)) & {run}; echo AFTER: $(stty -a)"
+    ));
+    let during = tokens(&o.stdout, "DURING:");
+    assert!(
+        during.contains(&"-icanon".into()) && during.contains(&"-echo".into()),
+        "{}",
+        o.describe()
+    );
+    let after = tokens(&o.stdout, "AFTER:");
+    assert!(
+        after.contains(&"icanon".into()) && after.contains(&"echo".into()),
+        "{}",
+        o.describe()
+    );
+
+    let o = script(&format!(
+        "(until p=$(pgrep -x -P $$ vmm); do sleep 0.05; done; sleep 0.3; kill -INT $p) & {run}; echo RC=$? AFTER: $(stty -a)"
+    ));
+    let after = tokens(&o.stdout, "AFTER:");
+    assert!(after.contains(&"RC=130".into()), "{}", o.describe());
+    assert!(
+        after.contains(&"icanon".into()) && after.contains(&"echo".into()),
+        "{}",
+        o.describe()
+    );
+}

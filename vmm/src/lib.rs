@@ -8,6 +8,7 @@ pub mod exit;
 pub mod layout;
 pub mod legacy;
 pub mod memory;
+pub mod terminal;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

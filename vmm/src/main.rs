@@ -92,7 +92,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 trace_vhost,
             };
             let vm = Vm::new(&cfg)?;
-            let exit = vm.run()?;
+            let console = vmm::terminal::RawConsole::enable();
+            let exit = vm.run();
+            drop(console);
+            let exit = exit?;
             if exit.is_failure() {
                 eprintln!("vmm: {exit}");
             }
