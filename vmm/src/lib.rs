@@ -3,6 +3,7 @@
 
 pub mod boot;
 pub mod config;
+pub mod cpu_model;
 pub mod device_manager;
 pub mod exit;
 pub mod layout;

@@ -66,6 +66,23 @@ enum Command {
         #[arg(long, default_value_t = 1024)]
         queue_size: u16,
     },
+    /// Show the virtual CPU `vmm run` gives its guests: the CPUID table (every change to KVM's
+    /// marked) and the MSRs, or the rules behind it, or KVM's own table for capturing test data.
+    Cpuid {
+        /// vCPUs in the VM, as for `vmm run --cpus`.
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        /// Which vCPU to show (0-based).
+        #[arg(long, default_value_t = 0)]
+        vcpu: u32,
+        /// Print KVM_GET_SUPPORTED_CPUID with its provenance, unchanged (the format of
+        /// vmm/src/cpu_model/testdata).
+        #[arg(long, conflicts_with = "explain")]
+        supported: bool,
+        /// Print the table of rules: every leaf and register we change, and why.
+        #[arg(long)]
+        explain: bool,
+    },
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
@@ -115,6 +132,31 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 queue_size,
             };
             BlkBackend::listen(cfg, &socket)?;
+            Ok(0)
+        }
+        Command::Cpuid {
+            cpus,
+            vcpu,
+            supported,
+            explain,
+        } => {
+            use vmm::cpu_model::{report, VcpuTopology};
+            let count = config::check_cpus(cpus)?;
+            if vcpu >= count {
+                anyhow::bail!("--vcpu {vcpu} does not exist in a VM of {count} vCPUs");
+            }
+            let text = if explain {
+                report::explain()
+            } else {
+                let kvm = kvm_ioctls::Kvm::new()
+                    .map_err(|e| anyhow::anyhow!("cannot open /dev/kvm: {e}"))?;
+                if supported {
+                    report::supported(&kvm)?
+                } else {
+                    report::model(&kvm, VcpuTopology { id: vcpu, count })?
+                }
+            };
+            print!("{text}");
             Ok(0)
         }
     }

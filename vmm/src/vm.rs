@@ -33,6 +33,8 @@ pub enum VmError {
     Boot(#[from] boot::BootError),
     #[error(transparent)]
     Cpu(#[from] cpu::CpuError),
+    #[error("vCPU CPU model: {0}")]
+    CpuModel(#[from] crate::cpu_model::CpuModelError),
     #[error(transparent)]
     Devices(#[from] DeviceManagerError),
     #[error(transparent)]
@@ -129,7 +131,14 @@ impl Vm {
             let fd = vm
                 .create_vcpu(id as u64)
                 .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
-            cpu::configure_cpuid(&kvm, &fd, id, cfg.cpus)?;
+            crate::cpu_model::configure(
+                &kvm,
+                &fd,
+                crate::cpu_model::VcpuTopology {
+                    id,
+                    count: cfg.cpus,
+                },
+            )?;
             cpu::configure_lapic(&fd)?;
             cpu::configure_fpu(&fd)?;
             // Application processors wait for INIT/SIPI from the BSP, as on real hardware.

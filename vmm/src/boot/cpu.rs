@@ -1,8 +1,8 @@
 //! The vCPU state at the kernel's first instruction: segments, control registers, paging, the
-//! local APIC's LINT pins, FPU and CPUID.
+//! local APIC's LINT pins and FPU. (CPUID and MSRs: `crate::cpu_model`.)
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
+use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::kernel::EntryKind;
@@ -200,78 +200,9 @@ pub fn configure_lapic(vcpu: &VcpuFd) -> Result<(), CpuError> {
         .map_err(|e| CpuError::Kvm("KVM_SET_LAPIC", e))
 }
 
-/// The host's supported CPUID, with this vCPU's APIC ID, the hypervisor bit, and a topology
-/// that matches `--cpus`: one package of `cpus` cores, one thread each. Left as the host
-/// reports it, the topology leaves describe the host's package, and a guest with more vCPUs
-/// than that would see several packages with cores missing.
-pub fn configure_cpuid(kvm: &Kvm, vcpu: &VcpuFd, id: u32, cpus: u32) -> Result<(), CpuError> {
-    let mut cpuid: CpuId = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| CpuError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
-    patch_cpuid(cpuid.as_mut_slice(), id, cpus);
-    vcpu.set_cpuid2(&cpuid)
-        .map_err(|e| CpuError::Kvm("KVM_SET_CPUID2", e))
-}
-
-fn patch_cpuid(entries: &mut [kvm_bindings::kvm_cpuid_entry2], id: u32, cpus: u32) {
-    const LEAF1_EDX_HTT: u32 = 1 << 28;
-    const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
-    for e in entries {
-        match e.function {
-            1 => {
-                // EBX[31:24] initial APIC ID, EBX[23:16] logical processors per package.
-                e.ebx = (e.ebx & 0x0000_ffff) | (id << 24) | ((cpus & 0xff) << 16);
-                if cpus > 1 {
-                    e.edx |= LEAF1_EDX_HTT;
-                } else {
-                    e.edx &= !LEAF1_EDX_HTT;
-                }
-                e.ecx |= LEAF1_ECX_HYPERVISOR;
-            }
-            // Deterministic cache parameters: EAX[31:26] is cores per package - 1.
-            4 if e.eax & 0x1f != 0 => {
-                e.eax = (e.eax & 0x03ff_ffff) | ((cpus.saturating_sub(1) & 0x3f) << 26);
-            }
-            // Extended topology: EDX is the x2APIC ID (the levels stay as the host reports them).
-            0xb | 0x1f => e.edx = id,
-            _ => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpuid_topology_follows_the_vcpu_count() {
-        let leaf = |function, index, eax, ebx, edx| kvm_bindings::kvm_cpuid_entry2 {
-            function,
-            index,
-            eax,
-            ebx,
-            edx,
-            ..Default::default()
-        };
-        // A host package of 2 cores: leaf 1 says 2 logical processors, leaf 4 says 2 cores.
-        let mut e = [
-            leaf(1, 0, 0, 0x0002_0800, 0),
-            leaf(4, 0, (1 << 26) | 0x121, 0, 0),
-            leaf(4, 1, 0, 0, 0),
-        ];
-        patch_cpuid(&mut e, 3, 4);
-        assert_eq!(e[0].ebx >> 24, 3, "APIC ID");
-        assert_eq!((e[0].ebx >> 16) & 0xff, 4, "logical processors per package");
-        assert_eq!(e[0].ebx & 0xffff, 0x0800, "CLFLUSH size kept");
-        assert_ne!(e[0].edx & (1 << 28), 0, "HTT with several vCPUs");
-        assert_ne!(e[0].ecx & (1 << 31), 0, "hypervisor bit");
-        assert_eq!(e[1].eax >> 26, 3, "cores per package - 1");
-        assert_eq!(e[1].eax & 0x03ff_ffff, 0x121, "cache description kept");
-        assert_eq!(e[2].eax, 0, "the null cache leaf stays null");
-        patch_cpuid(&mut e, 0, 1);
-        assert_eq!(e[0].edx & (1 << 28), 0, "no HTT with one vCPU");
-        assert_eq!(e[1].eax >> 26, 0);
-    }
 
     #[test]
     fn gdt_entries_match_the_architectural_encoding() {
