@@ -14,4 +14,8 @@ extern "C" {
     /// irq_counts[i] is incremented by the handler of vector 0x30+i.
     pub static mut irq_counts: [u64; 16];
     pub fn spurious_interrupt();
+    /// (leaf, subleaf) pairs the ring-0 boot code ran CPUID for ...
+    pub static cpuid_queries: [[u32; 2]; crate::tests::cpuid::QUERY_COUNT];
+    /// ... and what it got: eax, ebx, ecx, edx.
+    pub static cpuid_results: [[u32; 4]; crate::tests::cpuid::QUERY_COUNT];
 }

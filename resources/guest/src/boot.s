@@ -113,6 +113,24 @@ common64:
     mov %cr4, %rax
     or $0x600, %rax                 # CR4.OSFXSR | CR4.OSXMMEXCPT: Rust uses SSE
     mov %rax, %cr4
+    # CPUID as a guest kernel sees it, for the `cpuid` test. On PVM hosts a
+    # CPUID executed in ring 3 is not intercepted and returns the host CPU's
+    # values, so it has to happen here, in ring 0: one pass over
+    # cpuid_queries (leaf, subleaf) into cpuid_results (eax, ebx, ecx, edx).
+    lea cpuid_queries(%rip), %r9
+    lea cpuid_results(%rip), %r10
+    mov $CPUID_QUERY_COUNT, %r8d
+3:  mov (%r9), %eax
+    mov 4(%r9), %ecx
+    cpuid
+    mov %eax, (%r10)
+    mov %ebx, 4(%r10)
+    mov %ecx, 8(%r10)
+    mov %edx, 12(%r10)
+    add $8, %r9
+    add $16, %r10
+    dec %r8d
+    jnz 3b
     # Mask the legacy PIC: an unprogrammed PIC would deliver GSI n as vector
     # n (an exception vector) through the LAPIC's ExtINT pin.
     mov $0xff, %al
@@ -203,6 +221,33 @@ exception_stubs:
 .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
     .quad exception_stub_\v
 .endr
+
+# The leaves the ring-0 pass above reads (leaf, subleaf), in the order of
+# cpuid::QUERIES in src/tests/cpuid.rs.
+.global cpuid_queries
+cpuid_queries:
+    .long 0, 0
+    .long 1, 0
+    .long 4, 0
+    .long 4, 1
+    .long 4, 2
+    .long 4, 3
+    .long 0xb, 0
+    .long 0xb, 1
+    .long 0xb, 2
+    .long 0x1f, 0
+    .long 0x1f, 1
+    .long 0x1f, 2
+    .long 0x40000000, 0
+    .long 0x40000001, 0
+    .long 0x80000000, 0
+    .long 0x80000001, 0
+    .long 0x80000007, 0
+    .long 0x80000008, 0
+    .long 0x8000001d, 3
+    .long 0x8000001e, 0
+cpuid_queries_end:
+.set CPUID_QUERY_COUNT, (cpuid_queries_end - cpuid_queries) / 8
 
 .global irq_stubs
 irq_stubs:
@@ -299,6 +344,10 @@ idt_table:
 .global irq_counts
 irq_counts:
     .fill 16, 8, 0
+
+.global cpuid_results
+cpuid_results:
+    .fill CPUID_QUERY_COUNT * 16, 1, 0
 
 .p2align 12
 kernel_stack:

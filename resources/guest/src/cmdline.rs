@@ -18,6 +18,7 @@ pub enum Test {
     Compute,
     BlkWriteVerify,
     BlkBench,
+    Cpuid,
 }
 
 impl Test {
@@ -30,6 +31,7 @@ impl Test {
             Test::Compute => "compute",
             Test::BlkWriteVerify => "blk-write-verify",
             Test::BlkBench => "blk-bench",
+            Test::Cpuid => "cpuid",
         }
     }
 }
@@ -187,6 +189,7 @@ pub fn parse(cmdline: &str) -> Result<Config, CmdlineError<'_>> {
             "hello" => Some(Test::Hello),
             "fault" => Some(Test::Fault),
             "compute" => Some(Test::Compute),
+            "cpuid" => Some(Test::Cpuid),
             "blk-write-verify" => Some(Test::BlkWriteVerify),
             "blk-bench" => Some(Test::BlkBench),
             _ => None,
@@ -289,6 +292,12 @@ mod tests {
             Err(CmdlineError::BadValue { .. })
         ));
         assert!(matches!(parse("exit="), Err(CmdlineError::BadValue { .. })));
+    }
+
+    #[test]
+    fn cpuid_is_a_test() {
+        assert_eq!(parse("cpuid").unwrap().test, Test::Cpuid);
+        assert_eq!(Test::Cpuid.name(), "cpuid");
     }
 
     #[test]

@@ -30,7 +30,7 @@ const MAX_CMDLINE: usize = 2048;
 
 /// The running test, for the last line printed by exception and panic paths.
 static CURRENT_TEST: AtomicU8 = AtomicU8::new(0);
-const TEST_NAMES: [&str; 7] = [
+const TEST_NAMES: [&str; 8] = [
     "test-guest",
     "hello",
     "exit",
@@ -38,6 +38,7 @@ const TEST_NAMES: [&str; 7] = [
     "compute",
     "blk-write-verify",
     "blk-bench",
+    "cpuid",
 ];
 
 fn current_test_name() -> &'static str {

@@ -584,7 +584,10 @@ pub fn normalize(supported: &[kvm_cpuid_entry2], ctx: &Ctx) -> Vec<kvm_cpuid_ent
             }
         }
     }
-    for rule in REGISTER_RULES.iter().filter(|r| r.vendors.matches(ctx.vendor)) {
+    for rule in REGISTER_RULES
+        .iter()
+        .filter(|r| r.vendors.matches(ctx.vendor))
+    {
         for e in entries
             .iter_mut()
             .filter(|e| e.function == rule.leaf && rule.sub.matches(e))
@@ -600,7 +603,6 @@ pub fn normalize(supported: &[kvm_cpuid_entry2], ctx: &Ctx) -> Vec<kvm_cpuid_ent
 /// leaf does not use it).
 pub fn lookup(entries: &[kvm_cpuid_entry2], leaf: u32, subleaf: u32) -> Option<&kvm_cpuid_entry2> {
     entries.iter().find(|e| {
-        e.function == leaf
-            && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == subleaf)
+        e.function == leaf && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == subleaf)
     })
 }

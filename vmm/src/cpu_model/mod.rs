@@ -176,7 +176,11 @@ fn set_msr(vcpu: &VcpuFd, index: u32, value: u64) -> Result<bool, CpuModelError>
 
 /// What this host's KVM backs, asked of KVM itself. The HWCR probe writes the value the model
 /// will write again, so it leaves nothing behind that the model does not want.
-pub fn probe_host_caps(kvm: &Kvm, vcpu: &VcpuFd, vendor: Vendor) -> Result<HostCaps, CpuModelError> {
+pub fn probe_host_caps(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    vendor: Vendor,
+) -> Result<HostCaps, CpuModelError> {
     let hwcr_tsc_freq_sel = if vendor.is_amd_like() {
         set_msr(vcpu, msr::MSR_K7_HWCR, msr::HWCR_TSC_FREQ_SEL)?
     } else {

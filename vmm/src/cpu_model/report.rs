@@ -6,7 +6,7 @@ use kvm_bindings::kvm_cpuid_entry2;
 use kvm_ioctls::Kvm;
 
 use super::cpuid::{lookup, LeafEdit, Reg, LEAF_RULES, REGISTER_RULES};
-use super::{build, probe_host_caps, supported_cpuid, table, CpuModelError, Vendor, VcpuTopology};
+use super::{build, probe_host_caps, supported_cpuid, table, CpuModelError, VcpuTopology, Vendor};
 
 /// What the kernel module behind /dev/kvm is, for the provenance line.
 fn kvm_flavour() -> &'static str {
@@ -160,7 +160,10 @@ pub fn model(kvm: &Kvm, topo: VcpuTopology) -> Result<String, CpuModelError> {
         topo.count,
         m.vendor.name()
     );
-    let _ = writeln!(out, "# '*' marks an entry we changed; KVM's values follow it");
+    let _ = writeln!(
+        out,
+        "# '*' marks an entry we changed; KVM's values follow it"
+    );
     let _ = writeln!(out, "  {}", &table::HEADER[2..]);
     for e in &m.cpuid {
         let kvm_e = supported

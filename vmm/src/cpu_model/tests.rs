@@ -204,7 +204,10 @@ fn the_hosts_own_topology_does_not_leak_into_the_model() {
             let b = build(&other_host, topo(id, count), CAPS);
             let (a, b) = (table::format(&a.cpuid), table::format(&b.cpuid));
             let diff = a.lines().zip(b.lines()).find(|(x, y)| x != y);
-            assert_eq!(diff, None, "{name}: the model differs between the two hosts");
+            assert_eq!(
+                diff, None,
+                "{name}: the model differs between the two hosts"
+            );
             assert_eq!(a.lines().count(), b.lines().count(), "{name}");
         }
     }
@@ -261,7 +264,11 @@ fn intel_pmu_capabilities_follow_the_pmu() {
 #[test]
 fn amd_invariant_tsc_comes_with_hwcr_tsc_freq_sel_or_not_at_all() {
     for (name, t) in tables().into_iter().take(2) {
-        assert_ne!(lookup(&t, 0x8000_0007, 0).unwrap().edx & (1 << 8), 0, "{name}: KVM offers it");
+        assert_ne!(
+            lookup(&t, 0x8000_0007, 0).unwrap().edx & (1 << 8),
+            0,
+            "{name}: KVM offers it"
+        );
         let m = build(&t, topo(0, 1), CAPS);
         assert_ne!(get(&m, 0x8000_0007, 0).edx & (1 << 8), 0, "{name}");
         let hwcr = m.msrs.iter().find(|x| x.index == MSR_K7_HWCR);
@@ -286,7 +293,11 @@ fn boot_msrs_per_vendor() {
     let intel = build(&t[2].1, topo(0, 1), CAPS);
     assert_eq!(indexes(&intel), [MSR_MTRR_DEF_TYPE, MSR_IA32_MISC_ENABLE]);
     let mtrr = intel.msrs[0].value;
-    assert_eq!((mtrr >> 11 & 1, mtrr & 0xff), (1, 6), "MTRRs on, default write-back");
+    assert_eq!(
+        (mtrr >> 11 & 1, mtrr & 0xff),
+        (1, 6),
+        "MTRRs on, default write-back"
+    );
     assert_eq!(intel.msrs[1].value & 1, 1, "fast strings");
 }
 
@@ -337,7 +348,10 @@ fn every_rule_changes_something_on_some_host() {
     };
     for r in LEAF_RULES {
         assert!(
-            changed(r.leaf, &|e| e.eax ^ e.ebx.rotate_left(8) ^ e.ecx.rotate_left(16) ^ e.edx.rotate_left(24)),
+            changed(r.leaf, &|e| e.eax
+                ^ e.ebx.rotate_left(8)
+                ^ e.ecx.rotate_left(16)
+                ^ e.edx.rotate_left(24)),
             "leaf rule {:#x} ({}) never changes anything",
             r.leaf,
             r.what

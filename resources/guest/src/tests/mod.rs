@@ -2,6 +2,7 @@
 
 mod blk;
 mod compute;
+pub mod cpuid;
 
 use crate::outcome::Outcome;
 use test_guest::cmdline::{Config, Test};
@@ -24,5 +25,6 @@ pub fn run(config: &Config) -> Outcome {
         Test::Compute => compute::run(),
         Test::BlkWriteVerify => blk::write_verify(config),
         Test::BlkBench => blk::bench(config),
+        Test::Cpuid => cpuid::run(),
     }
 }
