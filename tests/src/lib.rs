@@ -61,6 +61,25 @@ pub fn host_is_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
 
+/// The QEMU `-cpu` model that works with KVM on this host (resources/lib/qemu-cpu), probed once
+/// per test binary unless VMM_QEMU_CPU is set (resources/test probes once per run). Panics with
+/// QEMU's own complaint when no model works.
+pub fn qemu_cpu() -> String {
+    static CPU: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CPU.get_or_init(|| {
+        let o = Command::new(repo_root().join("resources/lib/qemu-cpu"))
+            .arg(guest_elf())
+            .output()
+            .expect("run resources/lib/qemu-cpu");
+        let cpu = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        let said = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success() && !cpu.is_empty(), "{said}");
+        eprintln!("QEMU -cpu {cpu} ({})", said.trim());
+        cpu
+    })
+    .clone()
+}
+
 pub struct Outcome {
     pub status: Option<ExitStatus>,
     pub stdout: String,

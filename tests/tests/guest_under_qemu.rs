@@ -1,18 +1,22 @@
 //! The same test guest, unchanged, under QEMU 10's microvm: the benchmarks compare the two VMMs
-//! on this guest, so it must behave the same under both (resources/guest/qemu-run).
+//! on this guest, so it must behave the same under both (resources/guest/qemu-run), with the QEMU
+//! `-cpu` model that works on this host (resources/lib/qemu-cpu).
 
 use std::process::Command;
 use std::time::Duration;
 
 use integration_tests::{
-    check_image, guest_elf, repo_root, require_kvm, run_with_timeout, zero_image, TempDir,
-    WrittenRange,
+    check_image, guest_elf, qemu_cpu, repo_root, require_kvm, run_with_timeout, zero_image,
+    TempDir, WrittenRange,
 };
 
 fn qemu_run(args: &[&str]) -> integration_tests::Outcome {
     require_kvm();
     let mut c = Command::new(repo_root().join("resources/guest/qemu-run"));
-    c.arg("--guest").arg(guest_elf()).args(args);
+    c.env("VMM_QEMU_CPU", qemu_cpu())
+        .arg("--guest")
+        .arg(guest_elf())
+        .args(args);
     run_with_timeout(&mut c, Duration::from_secs(90))
 }
 
