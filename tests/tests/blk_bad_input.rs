@@ -69,8 +69,9 @@ fn as_nobody(args: &[&str]) -> Command {
 /// create a socket in.
 fn image_only_root_may_write(d: &TempDir) -> (String, std::path::PathBuf) {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
+        euid,
         0,
         "this test needs root to own the image"
     );

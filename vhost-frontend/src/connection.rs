@@ -25,8 +25,7 @@ use crate::wire::{
     MAX_CONFIG_SIZE, MAX_MEMORY_REGIONS,
 };
 
-/// Largest ring a virtio split or packed queue may have.
-pub const MAX_QUEUE_SIZE: u16 = 32768;
+pub use crate::wire::MAX_QUEUE_SIZE;
 
 /// What went wrong talking to the backend. Every variant names the vhost-user message involved.
 #[derive(Debug, thiserror::Error)]

@@ -32,7 +32,7 @@ pub enum BlkConfig {
 }
 
 /// Request queues a blk device may expose (the backend may serve fewer; the handshake checks).
-pub const MAX_BLK_QUEUES: u16 = 64;
+pub use vhost_frontend::wire::MAX_QUEUES as MAX_BLK_QUEUES;
 
 #[derive(Debug, Clone)]
 pub struct VmConfig {

@@ -43,10 +43,7 @@ use super::disk::Disk;
 use super::memory::{MappedMemory, RegionLayout};
 use super::vring::{eventfd_from_peer, RunContext, UserRingAddresses, Vring};
 
-/// Most queues a device may have (the vring fd messages carry an 8-bit index; 64 is plenty).
-pub const MAX_QUEUES: u16 = 64;
-/// Largest split ring the virtio spec allows.
-pub const MAX_QUEUE_SIZE: u16 = 32768;
+pub use vhost_frontend::wire::{MAX_QUEUES, MAX_QUEUE_SIZE};
 
 /// The protocol features offered. INFLIGHT_SHMFD comes with inflight tracking (a later change).
 pub const OFFERED_PROTOCOL_FEATURES: u64 =

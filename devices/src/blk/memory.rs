@@ -17,7 +17,7 @@ use vm_memory::{
 
 /// Most regions one table may hold (VHOST_MEMORY_BASELINE_NREGIONS; we do not offer
 /// CONFIGURE_MEM_SLOTS).
-pub const MAX_MEMORY_REGIONS: usize = 8;
+pub use vhost_frontend::wire::MAX_MEMORY_REGIONS;
 
 /// One SET_MEM_TABLE entry, as sent by the frontend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,8 +3,7 @@
 
 use vmm_sys_util::eventfd::EventFd;
 
-/// Largest queue size a split virtqueue may have (virtio spec §2.7).
-pub const MAX_QUEUE_SIZE: u16 = 32768;
+pub use vhost_frontend::wire::MAX_QUEUE_SIZE;
 
 /// One virtqueue as the driver set it up: guest physical addresses of its three parts.
 ///

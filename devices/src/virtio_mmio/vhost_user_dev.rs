@@ -31,7 +31,7 @@ use vhost_frontend::features::{
 use vhost_frontend::wire::{MemoryRegion, VringAddr};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use memory_table::{GuestRegion, MemoryTable, MemoryTableError, MAX_REGIONS};
+pub use memory_table::{GuestRegion, MemoryTable, MemoryTableError, MAX_MEMORY_REGIONS};
 
 use super::device::{DeviceError, QueueConfig, VirtioDevice, MAX_QUEUE_SIZE};
 use super::error_chain;
@@ -590,14 +590,25 @@ fn call<T>(
 }
 
 /// Peer gone (a reconnect may help), peer said no (the request was wrong), or peer wrong
-/// (a reply we cannot trust: the connection is over).
+/// (a reply we cannot trust: the connection is over). Every variant is decided here, so a new
+/// one cannot fall into a class by accident.
 fn classify(during: &'static str, source: FrontendError) -> VhostUserDeviceError {
     match source {
-        FrontendError::PeerGone { .. } => VhostUserDeviceError::BackendGone { during, source },
+        // The socket closed or never connected: nobody is there to answer.
+        FrontendError::PeerGone { .. } | FrontendError::Connect { .. } => {
+            VhostUserDeviceError::BackendGone { during, source }
+        }
         FrontendError::BackendFailed { .. } => {
             VhostUserDeviceError::BackendRefused { during, source }
         }
         FrontendError::MissingFeature { feature } => VhostUserDeviceError::MissingFeature(feature),
-        _ => VhostUserDeviceError::BackendBroken { during, source },
+        // A reply that breaks the protocol, silence past the deadline, a socket error other
+        // than hang-up, or a request we could not even form: this connection is not trusted.
+        FrontendError::Protocol { .. }
+        | FrontendError::TimedOut { .. }
+        | FrontendError::Io(..)
+        | FrontendError::InvalidRequest { .. } => {
+            VhostUserDeviceError::BackendBroken { during, source }
+        }
     }
 }

@@ -23,7 +23,8 @@ pub mod socket;
 pub use message::FrontendMessage;
 pub use payload::{
     ConfigSpace, InflightDescription, MemoryRegion, MemoryTable, SingleMemoryRegion, U64Payload,
-    VringAddr, VringFdIndex, VringState, MAX_CONFIG_SIZE, MAX_MEMORY_REGIONS, VHOST_VRING_F_LOG,
+    VringAddr, VringFdIndex, VringState, MAX_CONFIG_SIZE, MAX_MEMORY_REGIONS, MAX_QUEUES,
+    MAX_QUEUE_SIZE, VHOST_VRING_F_LOG,
 };
 pub use socket::{recv_message, send_message};
 

@@ -3,8 +3,15 @@
 
 use super::{bad_value, le_u16, le_u32, le_u64, wrong_size, WireError};
 
-/// Most regions one SET_MEM_TABLE may carry (each comes with its own fd).
+/// Most regions one SET_MEM_TABLE may carry (each comes with its own fd). The one definition,
+/// used by the frontend, the device and the backend.
 pub const MAX_MEMORY_REGIONS: usize = super::MAX_FDS;
+/// Largest ring a split virtqueue may have (virtio spec §2.7). The one definition, used by the
+/// frontend, the virtio-mmio transport and the backend.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// Most virtqueues one device may have on either side (the vring fd messages could carry an
+/// 8-bit index; 64 is plenty and bounds what a peer can make us allocate).
+pub const MAX_QUEUES: u16 = 64;
 /// Largest device config space transfer (QEMU's VHOST_USER_MAX_CONFIG_SIZE).
 pub const MAX_CONFIG_SIZE: usize = 256;
 /// `VringAddr::flags` bit: the backend logs used-ring writes (dirty logging for migration).

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Most regions one SET_MEM_TABLE message carries (VHOST_MEMORY_MAX_NREGIONS).
-pub const MAX_REGIONS: usize = 8;
+pub use vhost_frontend::wire::MAX_MEMORY_REGIONS;
 
 /// One region of guest RAM shared with the backend.
 #[derive(Clone, Debug)]
@@ -32,7 +32,7 @@ pub struct GuestRegion {
 pub enum MemoryTableError {
     #[error("guest memory has no regions")]
     Empty,
-    #[error("guest memory has {0} regions; one SET_MEM_TABLE carries at most {MAX_REGIONS}")]
+    #[error("guest memory has {0} regions; one SET_MEM_TABLE carries at most {MAX_MEMORY_REGIONS}")]
     TooManyRegions(usize),
     #[error("guest region at {guest_phys_addr:#x} is not backed by a file; a backend cannot map it (guest RAM must be a shared memfd)")]
     NotShareable { guest_phys_addr: u64 },
@@ -56,7 +56,7 @@ impl MemoryTable {
         if regions.is_empty() {
             return Err(MemoryTableError::Empty);
         }
-        if regions.len() > MAX_REGIONS {
+        if regions.len() > MAX_MEMORY_REGIONS {
             return Err(MemoryTableError::TooManyRegions(regions.len()));
         }
         for region in &regions {
