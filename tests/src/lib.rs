@@ -278,6 +278,11 @@ impl ChildGuard {
         }
     }
 
+    /// Its process id (for /proc/PID).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The exit status if it has exited (reaped), else None.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().expect("wait on child")
@@ -444,4 +449,56 @@ pub fn check_image(image: &Path, ranges: &[WrittenRange]) -> Result<(), String> 
         }
     }
     Ok(())
+}
+
+/// A unix listener at `path` that never accepts and whose backlog is full: listen(fd, 0), then
+/// clients connected (non-blocking) until the kernel refuses one with EAGAIN. The next connect has
+/// nowhere to go. Keep the returned clients alive as long as the listener must stay full.
+pub fn full_backlog_listener(
+    path: &Path,
+) -> (std::os::unix::net::UnixListener, Vec<std::os::fd::OwnedFd>) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .unwrap_or_else(|e| panic!("bind {}: {e}", path.display()));
+    // SAFETY: plain syscall on a listening socket we own; listening again only sets the backlog.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid empty address.
+    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    assert!(bytes.len() < sun.sun_path.len(), "socket path too long");
+    for (d, s) in sun.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let mut clients = Vec::new();
+    loop {
+        assert!(clients.len() < 64, "the backlog never filled");
+        // SAFETY: plain syscall; the result is checked before being owned.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                0,
+            )
+        };
+        assert!(raw >= 0, "socket: {}", std::io::Error::last_os_error());
+        // SAFETY: socket() just returned this fd; nothing else owns it.
+        let client = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sun is a valid NUL-terminated sockaddr_un, alive for the call.
+        let r = unsafe {
+            libc::connect(
+                client.as_raw_fd(),
+                (&sun as *const libc::sockaddr_un).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            let err = std::io::Error::last_os_error();
+            assert_eq!(err.raw_os_error(), Some(libc::EAGAIN), "connect: {err}");
+            return (listener, clients);
+        }
+        clients.push(client);
+    }
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use integration_tests::{guest_elf, require_kvm, vmm_run, Outcome, TempDir};
+use integration_tests::{full_backlog_listener, guest_elf, require_kvm, vmm_run, Outcome, TempDir};
 
 // Request codes (vhost-user spec, "Front-end message types").
 const GET_FEATURES: u32 = 1;
@@ -43,6 +43,9 @@ const PROTOCOL_FEATURES: u64 = (1 << 0) | (1 << 3) | (1 << 9);
 /// vmm waits this long for a reply before giving up on a backend.
 const VMM_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The gap between bytes of a [`Fault::Trickle`] reply (a 20-byte reply: 60 s in all).
+const TRICKLE_GAP: Duration = Duration::from_secs(3);
+
 /// The one thing the fake does wrong.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Fault {
@@ -62,6 +65,9 @@ enum Fault {
     CloseOn(u32),
     /// The backend never answers this request (but keeps the connection open).
     SilentOn(u32),
+    /// The reply to this request comes one byte every [`TRICKLE_GAP`]: each byte well inside the
+    /// reply timeout, the whole reply far outside it.
+    Trickle(u32),
     /// GET_FEATURES lacks VIRTIO_F_VERSION_1.
     NoVersion1,
 }
@@ -281,8 +287,19 @@ fn spawn_fake_backend(socket: &Path, fault: Fault) -> JoinHandle<Session> {
                 Fault::NackStatus(r) if r == m.request => payload = 1u64.to_le_bytes().to_vec(),
                 _ => {}
             }
+            let bytes = reply_bytes(code, flags, &payload);
+            if fault == Fault::Trickle(m.request) {
+                for byte in &bytes {
+                    std::thread::sleep(TRICKLE_GAP);
+                    // vmm hung up (as it must, in time): stop; the next read sees the EOF.
+                    if send_raw(&stream, std::slice::from_ref(byte), None).is_err() {
+                        break;
+                    }
+                }
+                continue;
+            }
             // The frontend may already have hung up on an earlier bad reply; reading tells.
-            let _ = send_raw(&stream, &reply_bytes(code, flags, &payload), fd);
+            let _ = send_raw(&stream, &bytes, fd);
         }
     })
 }
@@ -461,6 +478,55 @@ fn backend_that_never_answers_is_given_up_on() {
         "gave up after {took:?}, the reply timeout is {VMM_REPLY_TIMEOUT:?}"
     );
     assert_closed_by_vmm(&s);
+}
+
+/// A reply trickled a byte every 3 s: each read is well inside the 10 s reply timeout, the whole
+/// reply (60 s) is not. The timeout is for the whole message, so vmm gives up after 10 s, not
+/// after an hour on a slower trickle.
+#[test]
+fn backend_that_trickles_its_reply_is_given_up_on() {
+    let (o, s) = run_against(Fault::Trickle(GET_FEATURES));
+    assert_clean_failure(&o, &["GET_FEATURES", "did not answer"]);
+    assert!(
+        !o.stderr.contains("broke the protocol"),
+        "a slow backend is not a protocol error: {}",
+        o.describe()
+    );
+    assert_closed_by_vmm(&s);
+    assert_eq!(s.requests, [GET_FEATURES], "{s:?}");
+}
+
+/// A backend whose listen backlog is full and that never accepts: connect() would block for
+/// ever; vmm gives up (CONNECT_TIMEOUT, 5 s) and says which socket did not answer, in one line,
+/// exiting 1 well within 30 s.
+#[test]
+fn backend_that_never_accepts_is_given_up_on() {
+    require_kvm();
+    let dir = TempDir::new("hostile");
+    let socket = dir.path("full.sock");
+    let (_listener, _clients) = full_backlog_listener(&socket);
+    let k = guest_elf();
+    let blk = format!("socket={}", socket.display());
+    let o = vmm_run(
+        &[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--cmdline",
+            "hello",
+            "--blk",
+            &blk,
+        ],
+        Duration::from_secs(30),
+    );
+    assert_clean_failure(
+        &o,
+        &[
+            "blk device 0",
+            "cannot connect",
+            &socket.display().to_string(),
+            "listen backlog is full",
+        ],
+    );
 }
 
 #[test]

@@ -9,18 +9,19 @@
 //! backend that went away, reconnects.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::features::{
     bit_mask, has, PROTOCOL_MQ, PROTOCOL_REPLY_ACK, VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_F_VERSION_1,
 };
-use crate::trace::{describe_message, Direction};
+use crate::trace::{describe_message, printable, Direction};
 use crate::wire::{
-    recv_message, send_message, ConfigSpace, Header, InflightDescription, MemoryRegion,
+    recv_message_by, send_message_by, ConfigSpace, Header, InflightDescription, MemoryRegion,
     MemoryTable, Request, U64Payload, VringAddr, VringFdIndex, VringState, WireError,
     MAX_CONFIG_SIZE, MAX_MEMORY_REGIONS,
 };
@@ -57,8 +58,9 @@ pub enum FrontendError {
         message: &'static str,
         detail: String,
     },
-    /// Connecting to the backend's socket failed.
-    #[error("cannot connect to vhost-user socket {path}: {source}")]
+    /// Connecting to the backend's socket failed (`source` is `TimedOut` for a backend that did
+    /// not take the connection within [`CONNECT_TIMEOUT`]).
+    #[error("cannot connect to vhost-user socket {}: {source}", printable(&path.to_string_lossy()))]
     Connect { path: PathBuf, source: io::Error },
 }
 
@@ -254,6 +256,88 @@ fn check_inflight_fd(fd: OwnedFd, reply: &InflightDescription) -> Result<OwnedFd
     Ok(file.into())
 }
 
+/// How long [`connect_with_timeout`] waits, via [`Frontend::connect`] and `vmm run --blk socket=`,
+/// for a backend to take a connection. A backend that is listening takes it at once, even before it
+/// calls accept(); only a full listen backlog (a backend that never accepts) makes us wait.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects a unix stream socket to `path`, giving up after `timeout` with an `io::Error` of kind
+/// `TimedOut`. The stream comes back blocking, with no socket timeouts set.
+///
+/// Not a non-blocking connect + poll: for AF_UNIX that does not work. A non-blocking connect to a
+/// full backlog fails with EAGAIN at once (never EINPROGRESS), and poll on the unconnected socket
+/// cannot wait for room in the listener's queue. The kernel's own bounded wait for exactly that
+/// room is a blocking connect under SO_SNDTIMEO (unix_stream_connect waits sock_sndtimeo()), so we
+/// use that, re-armed with what is left after an EINTR.
+pub fn connect_with_timeout(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid empty address.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    // One byte stays 0: the kernel reads sun_path as a NUL-terminated name.
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a unix socket path must be 1 to {} bytes without NUL",
+                addr.sun_path.len() - 1
+            ),
+        ));
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let addr_len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+
+    // SAFETY: plain syscall; the result is checked before being owned.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: socket() just returned this fd and nothing else owns it; every error path drops it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let stream = UnixStream::from(fd);
+    let deadline = Instant::now() + timeout;
+    let timed_out = || {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no answer within {} s: the backend does not take connections (its listen backlog is full)",
+                timeout.as_secs_f64()
+            ),
+        )
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // Zero would mean "no timeout" to SO_SNDTIMEO.
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        stream.set_write_timeout(Some(left))?;
+        // SAFETY: addr is a valid sockaddr_un of addr_len bytes (family, path, NUL), alive for the call.
+        let r = unsafe {
+            libc::connect(
+                stream.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                addr_len,
+            )
+        };
+        if r == 0 {
+            break;
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            // SO_SNDTIMEO ran out with the backlog still full.
+            Some(libc::EAGAIN) => return Err(timed_out()),
+            _ => return Err(err),
+        }
+    }
+    // Reply bounds are the Frontend's (whole-message deadlines), not a per-call socket timeout.
+    stream.set_write_timeout(None)?;
+    Ok(stream)
+}
+
 /// Why a connection refuses further use.
 #[derive(Debug, Clone)]
 enum Broken {
@@ -269,15 +353,22 @@ pub struct Frontend {
     trace: bool,
     protocol_features: u64,
     broken: Option<Broken>,
+    /// The bound for one whole exchange (request, reply, fds); `None`: wait for ever.
+    reply_timeout: Option<Duration>,
+    /// When the exchange in progress must be over (set by `guard`).
+    deadline: Option<Instant>,
 }
 
 impl Frontend {
-    /// Connects to a backend listening on `path`; the connection is named after the path in traces.
+    /// Connects to a backend listening on `path` (giving up after [`CONNECT_TIMEOUT`]); the
+    /// connection is named after the path in traces.
     pub fn connect(path: impl AsRef<Path>) -> Result<Frontend, FrontendError> {
         let path = path.as_ref();
-        let stream = UnixStream::connect(path).map_err(|source| FrontendError::Connect {
-            path: path.to_path_buf(),
-            source,
+        let stream = connect_with_timeout(path, CONNECT_TIMEOUT).map_err(|source| {
+            FrontendError::Connect {
+                path: path.to_path_buf(),
+                source,
+            }
         })?;
         Ok(Frontend::from_stream(stream, path.display().to_string()))
     }
@@ -290,6 +381,8 @@ impl Frontend {
             trace: false,
             protocol_features: 0,
             broken: None,
+            reply_timeout: None,
+            deadline: None,
         }
     }
 
@@ -298,15 +391,22 @@ impl Frontend {
         self.trace = on;
     }
 
-    /// Bounds how long a reply may take (`None`: wait forever). A backend that stops answering
-    /// then gives `TimedOut` instead of hanging the VMM. Sends get the same bound: a backend that
-    /// stops reading fills the socket buffer with requests that need no reply, and the next send
-    /// would otherwise block for ever.
+    /// Bounds how long one exchange may take (`None`: wait forever): the request sent and its whole
+    /// reply (header, payload, fds) received, within one deadline. A backend that stops answering,
+    /// or trickles its reply a byte at a time, then gives `TimedOut` instead of hanging the VMM.
+    /// Sends are under the same deadline: a backend that stops reading fills the socket buffer with
+    /// requests that need no reply, and the next send would otherwise block for ever. (Not
+    /// SO_RCVTIMEO/SO_SNDTIMEO: those bound each read or write, not the message.) Never fails; the
+    /// `Result` is kept for callers.
     pub fn set_reply_timeout(&mut self, timeout: Option<Duration>) -> Result<(), FrontendError> {
-        self.stream
-            .set_read_timeout(timeout)
-            .and_then(|()| self.stream.set_write_timeout(timeout))
-            .map_err(|e| FrontendError::Io("set_reply_timeout", e))
+        self.reply_timeout = timeout;
+        Ok(())
+    }
+
+    /// The deadline of the exchange in progress, or a fresh one for a message sent outside one.
+    fn message_deadline(&self) -> Option<Instant> {
+        self.deadline
+            .or_else(|| self.reply_timeout.map(|t| Instant::now() + t))
     }
 
     /// The connection's name (socket path, or what `from_stream` was given).
@@ -363,7 +463,7 @@ impl Frontend {
     ) -> Result<(), FrontendError> {
         let header = Header::for_request(request, payload.len(), need_reply);
         self.emit_trace(Direction::ToBackend, &header, payload, fds.len());
-        send_message(&self.stream, &header, payload, fds)
+        send_message_by(&self.stream, &header, payload, fds, self.message_deadline())
             .map_err(|e| FrontendError::from_wire(request.name(), e))
     }
 
@@ -374,8 +474,8 @@ impl Frontend {
         expected_fds: usize,
     ) -> Result<(Vec<u8>, Vec<OwnedFd>), FrontendError> {
         let name = request.name();
-        let (header, payload, fds) =
-            recv_message(&self.stream).map_err(|e| FrontendError::from_wire(name, e))?;
+        let (header, payload, fds) = recv_message_by(&self.stream, self.message_deadline())
+            .map_err(|e| FrontendError::from_wire(name, e))?;
         self.emit_trace(Direction::FromBackend, &header, &payload, fds.len());
         if header.request != request.code() {
             let got = Request::from_code(header.request)
@@ -447,7 +547,10 @@ impl Frontend {
         exchange: impl FnOnce(&mut Self) -> Result<T, FrontendError>,
     ) -> Result<T, FrontendError> {
         self.check_usable(message)?;
+        // One deadline for the request and its whole reply.
+        self.deadline = self.reply_timeout.map(|t| Instant::now() + t);
         let result = exchange(self);
+        self.deadline = None;
         if let Err(err) = &result {
             self.poison(err);
         }
@@ -667,8 +770,8 @@ impl VhostUserFrontend for Frontend {
         self.guard(name, |this| {
             this.send(Request::GetInflightFd, &request.encode(), &[], false)?;
             // Not `recv_reply(.., 1)`: a reply with mmap_size 0 may come without an fd.
-            let (header, payload, mut fds) =
-                recv_message(&this.stream).map_err(|e| FrontendError::from_wire(name, e))?;
+            let (header, payload, mut fds) = recv_message_by(&this.stream, this.message_deadline())
+                .map_err(|e| FrontendError::from_wire(name, e))?;
             this.emit_trace(Direction::FromBackend, &header, &payload, fds.len());
             if header.request != Request::GetInflightFd.code() || !header.is_reply() {
                 return Err(FrontendError::protocol(

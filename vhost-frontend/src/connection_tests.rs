@@ -5,7 +5,7 @@
 use super::*;
 use crate::features::{PROTOCOL_CONFIG, PROTOCOL_INFLIGHT_SHMFD, VIRTIO_RING_F_EVENT_IDX};
 use crate::test_support::{eventfd, open_fd_count, FD_LOCK};
-use crate::wire::{FrontendMessage, PeerGone as WirePeerGone};
+use crate::wire::{recv_message, send_message, FrontendMessage, PeerGone as WirePeerGone};
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
 use std::thread::JoinHandle;
@@ -493,6 +493,163 @@ fn silence_is_a_timeout_naming_the_message() {
         done_tx.send(()).unwrap();
         backend.join().unwrap();
     });
+}
+
+/// A backend that trickles its reply, one byte well inside the timeout each time: the timeout is for
+/// the whole reply, not for each read (with SO_RCVTIMEO this reply took 2 s and was accepted; a
+/// byte every 9.9 s held one exchange for hours).
+#[test]
+fn a_trickled_reply_times_out_as_a_whole() {
+    no_fd_leak(|| {
+        let (mut frontend, backend) = with_backend(|stream| {
+            let _ = read_request(&stream);
+            let mut bytes = Header::for_reply(Request::GetFeatures, 8).to_bytes();
+            bytes.extend_from_slice(&U64Payload(OFFERED).encode());
+            for byte in bytes {
+                std::thread::sleep(Duration::from_millis(100));
+                // The frontend shuts the socket down when it gives up: then EPIPE ends the trickle.
+                if (&stream).write_all(&[byte]).is_err() {
+                    return false;
+                }
+            }
+            true
+        });
+        frontend
+            .set_reply_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let err = frontend.get_features().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FrontendError::TimedOut {
+                    during: "GET_FEATURES"
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("did not answer GET_FEATURES in time"),
+            "{err}"
+        );
+        assert!(
+            !frontend.is_usable(),
+            "a half-read reply leaves the stream out of step"
+        );
+        assert!(
+            !backend.join().unwrap(),
+            "the whole trickled reply was sent"
+        );
+    });
+}
+
+/// A unix socket path of its own for each test, in the temp dir.
+fn socket_path(tag: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!(
+        "vhost-frontend-{tag}-{}-{n}.sock",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// A listener that never accepts, its backlog filled (listen(fd, 0), then clients until the kernel
+/// refuses one): the next connect has nowhere to go. The clients must be kept alive.
+fn full_backlog_listener(path: &Path) -> (std::os::unix::net::UnixListener, Vec<OwnedFd>) {
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind");
+    // SAFETY: plain syscall on a listening socket we own; re-listening just changes the backlog.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    let mut clients = Vec::new();
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid empty address.
+    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in sun.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    loop {
+        assert!(clients.len() < 64, "the backlog never filled");
+        // SAFETY: plain syscall; the result is checked before being owned.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                0,
+            )
+        };
+        assert!(raw >= 0, "socket: {}", io::Error::last_os_error());
+        // SAFETY: fresh fd, owned by nobody else.
+        let client = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sun is a valid, NUL-terminated sockaddr_un alive for the call.
+        let r = unsafe {
+            libc::connect(
+                client.as_raw_fd(),
+                (&sun as *const libc::sockaddr_un).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            let err = io::Error::last_os_error();
+            assert_eq!(err.raw_os_error(), Some(libc::EAGAIN), "connect: {err}");
+            return (listener, clients);
+        }
+        clients.push(client);
+    }
+}
+
+/// connect() to a backend whose backlog is full and who never accepts blocked for ever; now it
+/// gives up within the bound, as TimedOut, and says why.
+#[test]
+fn connect_to_a_backend_that_never_accepts_times_out() {
+    let _guard = FD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let path = socket_path("full");
+    let (listener, clients) = full_backlog_listener(&path);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = path.clone();
+    let connecting = std::thread::spawn(move || {
+        let _ = tx.send(connect_with_timeout(&target, Duration::from_millis(300)));
+    });
+    let outcome = rx.recv_timeout(Duration::from_secs(30));
+    // Closing the listener fails a connect still stuck in it (ECONNREFUSED): the thread ends.
+    drop(listener);
+    drop(clients);
+    connecting.join().unwrap();
+    let _ = std::fs::remove_file(&path);
+    match outcome {
+        Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
+            assert!(e.to_string().contains("listen backlog is full"), "{e}")
+        }
+        Ok(other) => panic!("expected a connect timeout, got {other:?}"),
+        Err(_) => panic!("connect blocked for 30 s on a backend that never accepts"),
+    }
+
+    // The error the VMM shows names the socket, escaped to one line.
+    let err = FrontendError::Connect {
+        path: PathBuf::from("/run/x\nforged"),
+        source: io::Error::new(io::ErrorKind::TimedOut, "no answer"),
+    };
+    assert_eq!(
+        err.to_string(),
+        "cannot connect to vhost-user socket /run/x\\nforged: no answer"
+    );
+}
+
+/// A listening backend is connected at once, and the stream is plain blocking with no timeouts.
+#[test]
+fn connect_to_a_listening_backend() {
+    let path = socket_path("ok");
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let stream = connect_with_timeout(&path, Duration::from_secs(5)).expect("connect");
+    assert_eq!(stream.write_timeout().unwrap(), None);
+    assert_eq!(stream.read_timeout().unwrap(), None);
+    let (_server, _) = listener.accept().expect("accept");
+    let _ = std::fs::remove_file(&path);
+    let err = connect_with_timeout(&path, Duration::from_secs(5)).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+    let long = PathBuf::from("/".repeat(200));
+    let err = connect_with_timeout(&long, Duration::from_secs(5)).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
 }
 
 /// A backend that stops reading: without REPLY_ACK nothing waits for a reply, so the requests pile

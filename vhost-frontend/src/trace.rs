@@ -6,8 +6,11 @@
 //! ```
 //!
 //! Decoding reuses the wire decoders; a payload that does not decode is shown as such (the trace must
-//! never fail or panic on what a hostile peer sent).
+//! never fail or panic on what a hostile peer sent). Nothing a peer sends reaches a line as text:
+//! numbers are formatted, config bytes shown as hex. The one string, the connection's name (a
+//! socket path), goes through [`printable`], so a newline in it cannot forge a second line.
 
+use std::borrow::Cow;
 use std::fmt::Write;
 
 use crate::features::{describe_protocol_features, describe_virtio_features};
@@ -44,7 +47,7 @@ pub fn describe_message(
 ) -> String {
     let mut line = String::from("vhost-user");
     if !peer.is_empty() {
-        let _ = write!(line, "[{peer}]");
+        let _ = write!(line, "[{}]", printable(peer));
     }
     let _ = write!(line, " {} ", direction.arrow());
     match Request::from_code(header.request) {
@@ -213,6 +216,24 @@ fn describe_reply(request: Request, p: &[u8]) -> Result<String, WireError> {
     })
 }
 
+/// `text` fit for one log line: control characters (newline, carriage return, ESC, ...) are escaped
+/// as `\n`, `\u{1b}`, so a string from outside (a path, a name) can neither end the line nor drive
+/// the terminal. Borrowed when there is nothing to escape.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
 /// The first 16 bytes as hex, with an ellipsis if there are more.
 fn hex_prefix(bytes: &[u8]) -> String {
     let mut s: String = bytes.iter().take(16).map(|b| format!("{b:02x}")).collect();
@@ -258,6 +279,25 @@ mod tests {
             describe_message(Direction::FromBackend, "x", &h, &U64Payload(1).encode(), 0),
             "vhost-user[x] <- SET_MEM_TABLE reply ack=1 (failed) fds=0"
         );
+    }
+
+    #[test]
+    fn a_name_cannot_forge_a_line() {
+        let h = Header::for_request(Request::GetFeatures, 0, false);
+        let line = describe_message(
+            Direction::ToBackend,
+            "/tmp/a\nvhost-user[blk0] <- GET_FEATURES reply\u{1b}[2J",
+            &h,
+            &[],
+            0,
+        );
+        assert_eq!(line.lines().count(), 1, "{line}");
+        assert!(!line.contains('\u{1b}'), "{line}");
+        assert_eq!(
+            line,
+            "vhost-user[/tmp/a\\nvhost-user[blk0] <- GET_FEATURES reply\\u{1b}[2J] -> GET_FEATURES fds=0"
+        );
+        assert!(matches!(printable("blk0"), Cow::Borrowed("blk0")));
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! Guest RAM: one memfd mapped MAP_SHARED. Sharing the memfd is what lets a vhost-user backend
 //! map the very same pages (SET_MEM_TABLE sends this fd), so the data path needs no copies.
+//!
+//! The memfd is sealed against resizing ([`RAM_SEALS`]) before anyone else sees it: a backend holds
+//! the same file, and an ftruncate that shrank it would turn every guest access (and KVM's) past the
+//! new end into a SIGBUS in this process.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -14,6 +18,8 @@ pub enum MemoryError {
     Memfd(std::io::Error),
     #[error("cannot size guest RAM memfd to {0} bytes: {1}")]
     Truncate(u64, std::io::Error),
+    #[error("cannot seal the guest RAM memfd against resizing: {0}")]
+    Seal(std::io::Error),
     #[error("cannot map guest RAM: {0}")]
     Map(String),
 }
@@ -25,6 +31,10 @@ pub struct RamRegion {
     pub size: u64,
     pub file_offset: u64,
 }
+
+/// The seals on the guest RAM memfd: its size is fixed (no shrink, no grow), and F_SEAL_SEAL so the
+/// set itself cannot change. Not F_SEAL_WRITE: guest RAM is written, by us and by the backend.
+pub const RAM_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
 
 pub struct GuestRam {
     memfd: File,
@@ -53,7 +63,12 @@ pub fn ram_regions(size: u64) -> Vec<RamRegion> {
 impl GuestRam {
     pub fn new(size: u64) -> Result<Self, MemoryError> {
         // SAFETY: the name is a valid NUL-terminated string; the return value is checked.
-        let fd = unsafe { libc::memfd_create(c"vmm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"vmm-guest-ram".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         if fd < 0 {
             return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
         }
@@ -62,6 +77,11 @@ impl GuestRam {
         memfd
             .set_len(size)
             .map_err(|e| MemoryError::Truncate(size, e))?;
+        // Sealed before the first clone or mapping, so no copy of the fd exists without the seals.
+        // SAFETY: fcntl on an fd we own, with an int argument; the return value is checked.
+        if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, RAM_SEALS) } < 0 {
+            return Err(MemoryError::Seal(std::io::Error::last_os_error()));
+        }
         let regions = ram_regions(size);
         let mut ranges = Vec::new();
         for r in &regions {
@@ -137,6 +157,38 @@ mod tests {
                 file_offset: MMIO_GAP_START
             }
         );
+    }
+
+    /// A backend gets (a dup of) this fd: it must not be able to resize guest RAM under the VM.
+    #[test]
+    fn ram_memfd_is_sealed_against_resizing() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        // SAFETY: fcntl on a live fd of ours, no argument.
+        let seals = unsafe { libc::fcntl(ram.memfd().as_raw_fd(), libc::F_GET_SEALS) };
+        assert_eq!(seals, RAM_SEALS, "seals {seals:#x}");
+        let dup = ram.memfd().try_clone().unwrap();
+        for (file, what) in [(ram.memfd(), "memfd"), (&dup, "dup")] {
+            for len in [0, 1 << 20, 8 << 20] {
+                let err = file.set_len(len).unwrap_err();
+                assert_eq!(
+                    err.raw_os_error(),
+                    Some(libc::EPERM),
+                    "{what} to {len}: {err}"
+                );
+            }
+            // SAFETY: fcntl on a live fd of ours, with an int argument.
+            let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+            assert_eq!(r, -1, "{what}: the seal set changed");
+            assert_eq!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::EPERM)
+            );
+            // Same size as it is: allowed (and a no-op).
+            file.set_len(4 << 20).unwrap();
+        }
+        assert_eq!(ram.memfd().metadata().unwrap().len(), 4 << 20);
+        // Still ordinary writable RAM.
+        ram.memory().write_obj(1u8, GuestAddress(0)).unwrap();
     }
 
     #[test]

@@ -17,7 +17,8 @@ use devices::virtio_mmio::{
     error_chain as chain, DeviceKind, MemoryTable, MmioTransport, VhostUserDevice,
     VhostUserDeviceOptions, QUEUE_NOTIFY,
 };
-use vhost_frontend::connection::Frontend;
+use vhost_frontend::connection::{connect_with_timeout, Frontend, CONNECT_TIMEOUT};
+use vhost_frontend::trace::printable;
 
 use crate::boot::acpi::MmioDeviceInfo;
 use crate::config::BlkConfig;
@@ -25,7 +26,8 @@ use crate::device_manager::{DeviceManager, MmioDevice};
 
 /// Queue size we offer the guest for blk devices (QEMU's vhost-user-blk default is 128).
 pub const BLK_QUEUE_SIZE: u16 = 256;
-/// A backend that takes longer than this to answer a control message is treated as hung.
+/// A backend that takes longer than this for one control exchange (the request sent and its whole
+/// reply received: one deadline, not one per read) is treated as hung.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +88,10 @@ pub fn attach_blk_devices(
                 readonly,
                 queues,
             } => {
-                let what = format!("in-process backend for {}", path.display());
+                let what = format!(
+                    "in-process backend for {}",
+                    printable(&path.to_string_lossy())
+                );
                 let cfg = BlkBackendConfig {
                     path: path.clone(),
                     readonly: *readonly,
@@ -103,11 +108,16 @@ pub fn attach_blk_devices(
                 (s, what, *queues)
             }
             BlkConfig::Socket { path, queues } => {
-                let p = path.display().to_string();
-                let s = UnixStream::connect(path).map_err(|source| VirtioError::Connect {
-                    index,
-                    path: p.clone(),
-                    source,
+                // Escaped: the path goes into one error line, and must not make it two.
+                let p = printable(&path.to_string_lossy()).into_owned();
+                // Bounded: a backend whose listen backlog is full and that never accepts would
+                // otherwise block vmm's start for ever.
+                let s = connect_with_timeout(path, CONNECT_TIMEOUT).map_err(|source| {
+                    VirtioError::Connect {
+                        index,
+                        path: p.clone(),
+                        source,
+                    }
                 })?;
                 (s, format!("backend at {p}"), *queues)
             }

@@ -26,7 +26,7 @@ pub use payload::{
     VringAddr, VringFdIndex, VringState, MAX_CONFIG_SIZE, MAX_MEMORY_REGIONS, MAX_QUEUES,
     MAX_QUEUE_SIZE, VHOST_VRING_F_LOG,
 };
-pub use socket::{recv_message, send_message};
+pub use socket::{recv_message, recv_message_by, send_message, send_message_by};
 
 /// Bytes in a message header.
 pub const HEADER_SIZE: usize = 12;

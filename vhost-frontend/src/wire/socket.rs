@@ -4,21 +4,40 @@
 //! Receiving fds is where C implementations leak: the kernel installs every fd it delivers into our
 //! table, whether or not we wanted them. So every fd that arrives is wrapped in an `OwnedFd` at once,
 //! before any check, and any error return drops (closes) them.
+//!
+//! Time bounds: [`send_message_by`] and [`recv_message_by`] take a deadline for the WHOLE message
+//! (header, payload and fds). A socket timeout (SO_RCVTIMEO) would bound each `recvmsg` only, so a
+//! peer sending one byte just before each timeout could hold one message for hours. With a deadline
+//! every call is non-blocking (MSG_DONTWAIT) and the waiting is done in `poll` with what is left.
 
 use std::io;
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use super::{Header, PeerGone, ProtocolError, WireError, HEADER_SIZE, MAX_FDS, MAX_PAYLOAD_SIZE};
 
 /// Sends one message: header and payload in one `sendmsg`, with `fds` attached to its first byte.
-/// Uses MSG_NOSIGNAL so a vanished peer gives `PeerGone(BrokenPipe)`, not a SIGPIPE.
+/// Uses MSG_NOSIGNAL so a vanished peer gives `PeerGone(BrokenPipe)`, not a SIGPIPE. Blocks as the
+/// socket does (its own SO_SNDTIMEO, if any, bounds each call); see [`send_message_by`].
 pub fn send_message(
     stream: &UnixStream,
     header: &Header,
     payload: &[u8],
     fds: &[BorrowedFd<'_>],
+) -> Result<(), WireError> {
+    send_message_by(stream, header, payload, fds, None)
+}
+
+/// [`send_message`] that gives `TimedOut` unless the whole message has gone by `deadline`
+/// (`None`: no bound of ours).
+pub fn send_message_by(
+    stream: &UnixStream,
+    header: &Header,
+    payload: &[u8],
+    fds: &[BorrowedFd<'_>],
+    deadline: Option<Instant>,
 ) -> Result<(), WireError> {
     if header.size as usize != payload.len() {
         return Err(WireError::InvalidSend(format!(
@@ -44,10 +63,11 @@ pub fn send_message(
     bytes.extend_from_slice(payload);
 
     let raw_fds: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-    let mut sent = send_some(stream, &bytes, &raw_fds)?;
-    // A stream socket may take fewer bytes than offered; the fds went with the first chunk.
+    let mut sent = 0;
+    // A stream socket may take fewer bytes than offered; the fds go with the first chunk taken.
     while sent < bytes.len() {
-        match send_some(stream, &bytes[sent..], &[])? {
+        let attach: &[RawFd] = if sent == 0 { &raw_fds } else { &[] };
+        match send_some(stream, &bytes[sent..], attach, deadline)? {
             // A stream socket never accepts 0 of a non-empty buffer without an error; don't spin.
             0 => return Err(WireError::PeerGone(PeerGone::BrokenPipe)),
             n => sent += n,
@@ -59,14 +79,25 @@ pub fn send_message(
 /// Receives one message: the 12-byte header, then exactly `header.size` payload bytes, and every fd
 /// that came with them (at most [`MAX_FDS`]). The header is checked ([`Header::decode`]) before any
 /// payload is read, so a hostile size never drives an allocation; the request code is left to the
-/// caller, which can then name the message in its error.
+/// caller, which can then name the message in its error. Blocks as the socket does (its own
+/// SO_RCVTIMEO, if any, bounds each call); see [`recv_message_by`].
 pub fn recv_message(stream: &UnixStream) -> Result<(Header, Vec<u8>, Vec<OwnedFd>), WireError> {
+    recv_message_by(stream, None)
+}
+
+/// [`recv_message`] that gives `TimedOut` unless the whole message (header, payload, fds) has
+/// arrived by `deadline` (`None`: no bound of ours). Fds received before the deadline passed are
+/// closed with the error.
+pub fn recv_message_by(
+    stream: &UnixStream,
+    deadline: Option<Instant>,
+) -> Result<(Header, Vec<u8>, Vec<OwnedFd>), WireError> {
     let mut fds = Vec::new();
     let mut header_bytes = [0u8; HEADER_SIZE];
-    recv_exact(stream, &mut header_bytes, &mut fds, true)?;
+    recv_exact(stream, &mut header_bytes, &mut fds, true, deadline)?;
     let header = Header::decode(&header_bytes)?;
     let mut payload = vec![0u8; header.size as usize];
-    recv_exact(stream, &mut payload, &mut fds, false)?;
+    recv_exact(stream, &mut payload, &mut fds, false, deadline)?;
     Ok((header, payload, fds))
 }
 
@@ -77,10 +108,11 @@ fn recv_exact(
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
     at_message_start: bool,
+    deadline: Option<Instant>,
 ) -> Result<(), WireError> {
     let mut filled = 0;
     while filled < buf.len() {
-        let n = recv_some(stream, &mut buf[filled..], fds)?;
+        let n = recv_some(stream, &mut buf[filled..], fds, deadline)?;
         if n == 0 {
             let how = if filled == 0 && at_message_start {
                 PeerGone::Closed
@@ -100,11 +132,51 @@ fn control_space() -> usize {
     unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<libc::c_int>()) as libc::c_uint) as usize }
 }
 
-/// One `recvmsg`. Every fd received is owned (pushed into `fds`) before anything is checked.
+/// Waits until `stream` is ready for `events` (POLLIN/POLLOUT) or `deadline` passes (`TimedOut`).
+/// Hang-up and error conditions count as ready: the next recvmsg/sendmsg reports them.
+fn wait_until(
+    stream: &UnixStream,
+    events: libc::c_short,
+    deadline: Instant,
+) -> Result<(), WireError> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(WireError::TimedOut);
+        }
+        // Rounded up, so poll never returns just before the deadline and spins on a 0 ms wait.
+        let ms = left.as_micros().div_ceil(1000);
+        let ms = libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX);
+        let mut pfd = libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        // SAFETY: pfd is one valid pollfd, alive and exclusively borrowed for the call.
+        let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if ready < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(WireError::Io(err));
+        }
+        if ready > 0 {
+            if pfd.revents & libc::POLLNVAL != 0 {
+                return Err(WireError::Io(io::Error::from_raw_os_error(libc::EBADF)));
+            }
+            return Ok(());
+        }
+    }
+}
+
+/// One `recvmsg` (with a deadline: non-blocking, waiting in [`wait_until`] while there is nothing to
+/// read). Every fd received is owned (pushed into `fds`) before anything is checked.
 fn recv_some(
     stream: &UnixStream,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
+    deadline: Option<Instant>,
 ) -> Result<usize, WireError> {
     // u64 elements give the buffer the alignment cmsghdr needs.
     let mut control = vec![0u64; control_space().div_ceil(size_of::<u64>())];
@@ -117,18 +189,31 @@ fn recv_some(
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = control.len() * size_of::<u64>();
+    let flags = libc::MSG_CMSG_CLOEXEC
+        | if deadline.is_some() {
+            libc::MSG_DONTWAIT
+        } else {
+            0
+        };
 
     let n = loop {
+        // Reset on every try: the kernel rewrites these.
+        msg.msg_controllen = control.len() * size_of::<u64>();
+        msg.msg_flags = 0;
         // SAFETY: msg points at `iov` (covering `buf`) and `control`, all alive and exclusively
         // borrowed for the duration of the call; the kernel writes at most their stated lengths.
-        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, flags) };
         if n >= 0 {
             break n as usize;
         }
         let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(map_io_error(err));
+        match (err.kind(), deadline) {
+            (io::ErrorKind::Interrupted, _) => {}
+            // Nothing to read yet (no fds were delivered): wait for what is left of the deadline.
+            (io::ErrorKind::WouldBlock, Some(deadline)) => {
+                wait_until(stream, libc::POLLIN, deadline)?
+            }
+            _ => return Err(map_io_error(err)),
         }
     };
 
@@ -174,8 +259,14 @@ fn recv_some(
     Ok(n)
 }
 
-/// One `sendmsg` of `bytes` with `fds` attached (none if empty).
-fn send_some(stream: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> Result<usize, WireError> {
+/// One `sendmsg` of `bytes` with `fds` attached (none if empty); with a deadline non-blocking,
+/// waiting in [`wait_until`] while the socket buffer is full.
+fn send_some(
+    stream: &UnixStream,
+    bytes: &[u8],
+    fds: &[RawFd],
+    deadline: Option<Instant>,
+) -> Result<usize, WireError> {
     let fd_bytes = std::mem::size_of_val(fds);
     // SAFETY: CMSG_SPACE only computes a size.
     let space = unsafe { libc::CMSG_SPACE(fd_bytes as libc::c_uint) } as usize;
@@ -207,16 +298,27 @@ fn send_some(stream: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> Result<usize, 
             );
         }
     }
+    let flags = libc::MSG_NOSIGNAL
+        | if deadline.is_some() {
+            libc::MSG_DONTWAIT
+        } else {
+            0
+        };
     loop {
         // SAFETY: msg points at `iov` (covering `bytes`, only read by the kernel) and `control`,
         // both alive for the call.
-        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, flags) };
         if n >= 0 {
             return Ok(n as usize);
         }
         let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(map_io_error(err));
+        match (err.kind(), deadline) {
+            (io::ErrorKind::Interrupted, _) => {}
+            // The socket buffer is full (nothing, fds included, was taken): wait for room.
+            (io::ErrorKind::WouldBlock, Some(deadline)) => {
+                wait_until(stream, libc::POLLOUT, deadline)?
+            }
+            _ => return Err(map_io_error(err)),
         }
     }
 }
@@ -225,9 +327,9 @@ fn send_some(stream: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> Result<usize, 
 #[cfg(test)]
 pub(crate) fn send_raw_for_tests(stream: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
     let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-    let mut sent = send_some(stream, bytes, &raw).expect("raw send");
+    let mut sent = send_some(stream, bytes, &raw, None).expect("raw send");
     while sent < bytes.len() {
-        sent += send_some(stream, &bytes[sent..], &[]).expect("raw send");
+        sent += send_some(stream, &bytes[sent..], &[], None).expect("raw send");
     }
 }
 
@@ -252,7 +354,7 @@ mod tests {
 
     /// Writes raw bytes with raw fds, bypassing send_message's checks (a hostile peer).
     fn send_raw(stream: &UnixStream, bytes: &[u8], fds: &[RawFd]) {
-        let n = send_some(stream, bytes, fds).unwrap();
+        let n = send_some(stream, bytes, fds, None).unwrap();
         assert_eq!(n, bytes.len());
     }
 
@@ -443,6 +545,33 @@ mod tests {
         let (a, _b) = UnixStream::pair().unwrap();
         a.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
         assert!(matches!(recv_message(&a), Err(WireError::TimedOut)));
+    }
+
+    /// A deadline is for the whole message: a header cut short then silence is `TimedOut` (not
+    /// "peer gone"), and the fd that came with the first byte is closed with the error.
+    #[test]
+    fn a_deadline_bounds_the_whole_message_and_closes_its_fds() {
+        let _guard = FD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let before = open_fd_count();
+        {
+            let (a, b) = UnixStream::pair().unwrap();
+            let ev = eventfd();
+            let header = Header::for_request(Request::SetVringKick, 8, false).encode();
+            send_raw(&a, &header[..1], &[ev.as_raw_fd()]);
+            let deadline = Instant::now() + Duration::from_millis(50);
+            assert!(matches!(
+                recv_message_by(&b, Some(deadline)),
+                Err(WireError::TimedOut)
+            ));
+            // Sends too: fill the socket buffer of a peer that never reads.
+            let header = Header::for_request(Request::SetVringNum, 8, false);
+            let deadline = Instant::now() + Duration::from_millis(50);
+            let stuck = (0..1_000_000)
+                .map(|_| send_message_by(&a, &header, &[0; 8], &[], Some(deadline)))
+                .find(Result::is_err);
+            assert!(matches!(stuck, Some(Err(WireError::TimedOut))), "{stuck:?}");
+        }
+        assert_eq!(open_fd_count(), before, "fds leaked");
     }
 
     #[test]
