@@ -70,11 +70,7 @@ fn as_nobody(args: &[&str]) -> Command {
 fn image_only_root_may_write(d: &TempDir) -> (String, std::path::PathBuf) {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid,
-        0,
-        "this test needs root to own the image"
-    );
+    assert_eq!(euid, 0, "this test needs root to own the image");
     let img = zero_image(d, "root-owned.img", 4 << 20);
     std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o644)).unwrap();
     let sock_dir = d.path("nobody");

@@ -19,13 +19,23 @@
 //! A message this backend cannot accept (unknown, malformed, or asking for something it does not
 //! do) gets that failure ack when NEED_REPLY is set; otherwise the connection is closed with a
 //! logged reason, since the frontend would carry on believing it succeeded.
+//!
+//! Who may hold the backend: a frontend has [`HANDSHAKE_TIMEOUT`] from connecting to send
+//! SET_OWNER (the message that starts a vhost-user session), every message and reply before it
+//! bounded by that one deadline; one that has not is dropped, so a client that connects and says
+//! nothing (or trickles bytes) cannot keep every later frontend waiting. After SET_OWNER the
+//! frontend owns the backend until it hangs up, idle or not: a running VM's control channel is
+//! silent between reconfigurations, and a frontend that completed the handshake could hold the
+//! disk just as well by behaving. Who may connect at all is decided by the socket's permissions.
 
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 use vhost_frontend::features::{
@@ -34,7 +44,7 @@ use vhost_frontend::features::{
 };
 use vhost_frontend::trace::{describe_message, Direction};
 use vhost_frontend::wire::{
-    recv_message, send_message, ConfigSpace, FrontendMessage, Header, PeerGone, Request,
+    recv_message_by, send_message_by, ConfigSpace, FrontendMessage, Header, PeerGone, Request,
     U64Payload, VringAddr, VringState, WireError, FLAG_REPLY, VERSION, VHOST_VRING_F_LOG,
 };
 
@@ -48,6 +58,10 @@ pub use vhost_frontend::wire::{MAX_QUEUES, MAX_QUEUE_SIZE};
 /// The protocol features offered. INFLIGHT_SHMFD comes with inflight tracking (a later change).
 pub const OFFERED_PROTOCOL_FEATURES: u64 =
     bit_mask(PROTOCOL_MQ) | bit_mask(PROTOCOL_REPLY_ACK) | bit_mask(PROTOCOL_CONFIG);
+
+/// How long a frontend has, from connecting, to complete the handshake (send SET_OWNER) before
+/// it is dropped; see the module docs for what it may hold afterwards.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How to run a backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +93,17 @@ pub enum BlkError {
     Listen { path: PathBuf, source: io::Error },
     #[error("cannot create the socket pair or thread: {0}")]
     Spawn(io::Error),
+    /// The frontend did not send SET_OWNER in time (see [`HANDSHAKE_TIMEOUT`]); it was dropped.
+    #[error("the frontend did not complete the handshake (SET_OWNER) within {0:?}; dropped it")]
+    HandshakeTimeout(Duration),
+    /// The frontend shrank a memory fd after SET_MEM_TABLE; the requests that touched the
+    /// vanished pages failed (nothing was written from them) and the session was ended.
+    #[error("guest memory region {region} shrank under the session ({faults} fault(s), first at host address {addr:#x}): its requests failed and the connection was closed")]
+    MemoryVanished {
+        region: usize,
+        faults: u64,
+        addr: usize,
+    },
 }
 
 /// A virtio-blk device served over vhost-user. Holds the opened image; each `serve` call is one
@@ -89,6 +114,7 @@ pub struct BlkBackend {
     config: BlkConfig,
     num_queues: u16,
     queue_size: u16,
+    handshake_timeout: Duration,
 }
 
 impl BlkBackend {
@@ -122,7 +148,14 @@ impl BlkBackend {
             config,
             num_queues: cfg.num_queues,
             queue_size: cfg.queue_size,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
         })
+    }
+
+    /// Another bound than [`HANDSHAKE_TIMEOUT`] (tests use a short one).
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
     }
 
     /// The virtio feature bits offered in GET_FEATURES.
@@ -136,7 +169,19 @@ impl BlkBackend {
     /// connection closed). Every ring is stopped and drained before this returns.
     pub fn serve(&self, stream: UnixStream) -> Result<(), BlkError> {
         let mut session = Session::new(self, &stream);
-        match session.run() {
+        let end = session.run();
+        // A memory fd that shrank under us (memory_faults) shut the socket down: say why, not
+        // "the frontend went away".
+        if let Some((region, faults, addr)) = session.memory.as_ref().and_then(|m| m.vanished()) {
+            let e = BlkError::MemoryVanished {
+                region,
+                faults,
+                addr,
+            };
+            warn!("closing the vhost-user connection: {e}");
+            return Err(e);
+        }
+        match end {
             Ok(()) => Ok(()),
             Err(SessionEnd::PeerGone(how)) => {
                 info!("vhost-user frontend went away ({how})");
@@ -165,9 +210,15 @@ impl BlkBackend {
 
     /// Standalone backend (`vmm blk-backend`): listens on `socket_path` and serves one frontend at
     /// a time, for ever; a frontend leaving (or misbehaving) does not end it. A stale socket file
-    /// left by an earlier run is replaced; any other file at that path is an error.
+    /// left by an earlier run is replaced; any other file at that path is an error. A frontend
+    /// that has not sent SET_OWNER within the handshake timeout is dropped (module docs).
     pub fn listen(cfg: BlkBackendConfig, socket_path: &Path) -> Result<(), BlkError> {
-        let backend = BlkBackend::open(cfg)?;
+        BlkBackend::open(cfg)?.listen_on(socket_path)
+    }
+
+    /// [`BlkBackend::listen`] with this (opened, perhaps configured) backend.
+    pub fn listen_on(&self, socket_path: &Path) -> Result<(), BlkError> {
+        let backend = self;
         let listen_err = |source| BlkError::Listen {
             path: socket_path.to_path_buf(),
             source,
@@ -239,6 +290,8 @@ struct Session<'a> {
     protocol_features: u64,
     memory: Option<MappedMemory>,
     vrings: Vec<Vring>,
+    /// Until SET_OWNER: when the handshake must be done; bounds every receive and send.
+    handshake_deadline: Option<Instant>,
 }
 
 impl<'a> Session<'a> {
@@ -250,12 +303,25 @@ impl<'a> Session<'a> {
             protocol_features: 0,
             memory: None,
             vrings: (0..backend.num_queues).map(Vring::new).collect(),
+            // Saturating: an absurd timeout from a caller means "no bound", not a panic.
+            handshake_deadline: Instant::now().checked_add(backend.handshake_timeout),
+        }
+    }
+
+    /// A wire error as a session end; a deadline passing before SET_OWNER says so.
+    fn wire_end(&self, e: WireError) -> SessionEnd {
+        match e {
+            WireError::TimedOut if self.handshake_deadline.is_some() => {
+                SessionEnd::Failed(BlkError::HandshakeTimeout(self.backend.handshake_timeout))
+            }
+            other => other.into(),
         }
     }
 
     fn run(&mut self) -> Result<(), SessionEnd> {
         loop {
-            let (header, payload, fds) = recv_message(self.stream)?;
+            let (header, payload, fds) = recv_message_by(self.stream, self.handshake_deadline)
+                .map_err(|e| self.wire_end(e))?;
             debug!(
                 target: "vhost",
                 "{}",
@@ -271,6 +337,11 @@ impl<'a> Session<'a> {
                 }
             };
             let request = message.request();
+            // The handshake is done with SET_OWNER: from then on the frontend owns the backend
+            // (module docs); its ack is no longer bounded either.
+            if request == Request::SetOwner {
+                self.handshake_deadline = None;
+            }
             match self.handle(message) {
                 Ok(reply) => self.reply(request, &header, reply)?,
                 Err(failure) => self.fail(&header, failure)?,
@@ -283,7 +354,8 @@ impl<'a> Session<'a> {
             Reply::Payload(payload) => {
                 let header = Header::for_reply(request, payload.len());
                 trace_reply(&header, &payload);
-                send_message(self.stream, &header, &payload, &[])?;
+                send_message_by(self.stream, &header, &payload, &[], self.handshake_deadline)
+                    .map_err(|e| self.wire_end(e))?;
             }
             Reply::Ack if header.need_reply() => self.send_ack(header.request, 0)?,
             Reply::Ack => {}
@@ -327,7 +399,8 @@ impl<'a> Session<'a> {
             size: payload.len() as u32,
         };
         trace_reply(&header, &payload);
-        send_message(self.stream, &header, &payload, &[])?;
+        send_message_by(self.stream, &header, &payload, &[], self.handshake_deadline)
+            .map_err(|e| self.wire_end(e))?;
         Ok(())
     }
 
@@ -359,8 +432,11 @@ impl<'a> Session<'a> {
                         mmap_offset: r.mmap_offset,
                     })
                     .collect();
+                // Regions whose fd is not sealed against shrinking are guarded: a fault in one
+                // fails its request and shuts this session's socket down (memory_faults).
                 let memory =
-                    MappedMemory::map(&layouts, fds).map_err(|e| Failure::Breach(e.to_string()))?;
+                    MappedMemory::map_for_session(&layouts, fds, Some(self.stream.as_fd()))
+                        .map_err(|e| Failure::Breach(e.to_string()))?;
                 info!("guest memory mapped: {} region(s)", layouts.len());
                 // Rings keep their guest physical addresses; they restart on the new mapping.
                 self.vrings.iter_mut().for_each(Vring::pause);
@@ -594,7 +670,9 @@ mod tests {
     use crate::blk::test_util::{guest_memory, request_header, temp_path, wait_readable, TestRing};
     use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
     use std::time::Duration;
-    use vhost_frontend::wire::{MemoryRegion, MemoryTable, VringFdIndex, FLAG_NEED_REPLY};
+    use vhost_frontend::wire::{
+        recv_message, send_message, MemoryRegion, MemoryTable, VringFdIndex, FLAG_NEED_REPLY,
+    };
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_RO, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -732,6 +810,46 @@ mod tests {
             "no interrupt from the backend"
         );
         call.read().unwrap();
+    }
+
+    /// A frontend that shrinks its memory fd and then kicks: the backend process survives, the
+    /// write fails without touching the disk, and the session ends saying why.
+    #[test]
+    fn a_memory_fd_shrunk_under_the_session_ends_it_and_writes_nothing() {
+        let path = disk_image(64);
+        std::fs::write(&path, vec![0xeeu8; 64 * 512]).unwrap();
+        let (fe, backend) = spawn(&path, false);
+        handshake(&fe);
+        let ram_size = 0x20_0000;
+        let (mem, ram) = guest_memory(ram_size);
+        let g = mem.guest().clone();
+        let mut ring = TestRing::new(128, 0x1000);
+        let (kick, _call) = start_queue(&fe, &ram, ram_size, &ring);
+        g.write_slice(&request_header(VIRTIO_BLK_T_OUT, 0), GuestAddress(0x10000))
+            .unwrap();
+        g.write_slice(&[0x5a; 4096], GuestAddress(0x10_0000))
+            .unwrap();
+        // The data page goes; the rings and the header stay. Then the request is published
+        // (published first, the running ring could serve it before the shrink).
+        ram.set_len(0x8_0000).unwrap();
+        ring.add_chain(
+            &g,
+            &[
+                (0x10000, 16, false),
+                (0x10_0000, 4096, false),
+                (0x12000, 1, true),
+            ],
+        );
+        kick.write(1).unwrap();
+        let end = backend.join().expect("backend thread");
+        assert!(
+            matches!(end, Err(BlkError::MemoryVanished { region: 0, .. })),
+            "{end:?}"
+        );
+        let disk = std::fs::read(&path).unwrap();
+        assert!(disk.iter().all(|b| *b == 0xee), "the disk was written");
+        // The frontend's end sees the connection closed.
+        assert!(recv_message(&fe.stream).is_err());
     }
 
     #[test]
@@ -1028,6 +1146,78 @@ mod tests {
             BlkBackend::open(cfg(1, 128)),
             Err(BlkError::OpenDisk { .. })
         ));
+    }
+
+    /// A listener with a short handshake timeout on its own thread (left behind at the end).
+    fn listener(timeout: Duration) -> (PathBuf, PathBuf) {
+        let path = disk_image(8);
+        let socket = temp_path("blk.sock");
+        let backend = BlkBackend::open(BlkBackendConfig {
+            path: path.clone(),
+            readonly: false,
+            num_queues: 1,
+            queue_size: 128,
+        })
+        .unwrap()
+        .with_handshake_timeout(timeout);
+        let socket_for_thread = socket.clone();
+        thread::spawn(move || backend.listen_on(&socket_for_thread));
+        (path, socket)
+    }
+
+    fn connect(socket: &Path) -> UnixStream {
+        (0..500)
+            .find_map(|_| {
+                UnixStream::connect(socket)
+                    .map_err(|_| thread::sleep(Duration::from_millis(10)))
+                    .ok()
+            })
+            .expect("listener up")
+    }
+
+    /// Waits (bounded, failing loudly) until the backend closes `stream`.
+    fn assert_dropped(stream: &UnixStream) {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        match io::Read::read(&mut &*stream, &mut byte) {
+            Ok(0) => {}
+            other => panic!("the backend did not drop the client: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_silent_or_trickling_client_is_dropped_and_the_next_one_served() {
+        let (path, socket) = listener(Duration::from_millis(300));
+        let silent = connect(&socket);
+        assert_dropped(&silent);
+        // Half a header, then nothing: the deadline covers the whole message.
+        let trickling = connect(&socket);
+        io::Write::write_all(&mut &trickling, &[1, 0, 0]).unwrap();
+        assert_dropped(&trickling);
+        let fe = FakeFrontend {
+            stream: connect(&socket),
+        };
+        assert_eq!(fe.get_u64(Request::GetQueueNum), 1);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(&socket).unwrap();
+    }
+
+    #[test]
+    fn after_set_owner_an_idle_frontend_keeps_the_backend() {
+        let (path, socket) = listener(Duration::from_millis(100));
+        let fe = FakeFrontend {
+            stream: connect(&socket),
+        };
+        assert_eq!(fe.get_u64(Request::GetQueueNum), 1);
+        fe.send(Request::SetOwner, &[], &[], false);
+        // Idle for longer than the handshake timeout (no pass/fail on time: it must still
+        // be served afterwards).
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(fe.get_u64(Request::GetQueueNum), 1);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(&socket).unwrap();
     }
 
     #[test]

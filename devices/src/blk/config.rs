@@ -11,6 +11,12 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
 use super::disk::SECTOR_SIZE;
+use super::request::MAX_CHAIN_DESCRIPTORS;
+
+/// The largest seg_max offered: a request of seg_max segments is a chain of seg_max + 2
+/// descriptors (header and status too), and the request parser takes chains up to
+/// `MAX_CHAIN_DESCRIPTORS`. Promising more would have the guest build legal chains we cut.
+pub const MAX_SEG_MAX: u32 = MAX_CHAIN_DESCRIPTORS as u32 - 2;
 
 /// Size of the config space: the whole current struct virtio_blk_config. QEMU asks for exactly
 /// this many bytes (sizeof in its headers), so a shorter space would make it refuse the device.
@@ -40,7 +46,8 @@ pub struct BlkConfig {
     /// Disk size in 512-byte sectors.
     pub capacity_sectors: u64,
     /// Most data segments in one request (VIRTIO_BLK_F_SEG_MAX). Without indirect descriptors
-    /// a request uses one descriptor per segment plus header and status, so ring size - 2.
+    /// a request uses one descriptor per segment plus header and status, so ring size - 2, and
+    /// never more than [`MAX_SEG_MAX`]. (A frontend exposing a smaller ring clamps it further.)
     pub seg_max: u32,
     /// Logical block size in bytes (VIRTIO_BLK_F_BLK_SIZE).
     pub blk_size: u32,
@@ -60,7 +67,7 @@ impl BlkConfig {
     pub fn new(capacity_sectors: u64, queue_size: u16, num_queues: u16) -> Self {
         BlkConfig {
             capacity_sectors,
-            seg_max: u32::from(queue_size.saturating_sub(2)).max(1),
+            seg_max: u32::from(queue_size.saturating_sub(2)).clamp(1, MAX_SEG_MAX),
             blk_size: SECTOR_SIZE as u32,
             num_queues,
         }
@@ -123,6 +130,20 @@ mod tests {
         assert_eq!(&bytes[20..24], &512u32.to_le_bytes());
         assert_eq!(&bytes[34..36], &3u16.to_le_bytes());
         assert!(bytes[36..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn seg_max_never_exceeds_the_chain_cap() {
+        assert_eq!(BlkConfig::new(8, 1024, 1).seg_max, 1022);
+        assert_eq!(BlkConfig::new(8, 4096, 1).seg_max, 4094);
+        for size in [8192u16, 16384, 32768] {
+            let seg_max = BlkConfig::new(8, size, 1).seg_max;
+            assert!(
+                seg_max as usize + 2 <= MAX_CHAIN_DESCRIPTORS,
+                "queue size {size}: seg_max {seg_max}"
+            );
+        }
+        assert_eq!(BlkConfig::new(8, 2, 1).seg_max, 1);
     }
 
     #[test]

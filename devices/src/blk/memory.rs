@@ -8,9 +8,10 @@
 //! mapping past the end of the file would kill this process with SIGBUS.
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
+use super::memory_faults::{sealed_against_shrinking, FaultGuard};
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
 };
@@ -67,11 +68,18 @@ pub enum MemoryError {
     },
     #[error("cannot assemble guest memory: {0}")]
     Assemble(String),
+    #[error("region {index}: cannot guard it against a shrinking fd: {source}")]
+    Guard {
+        index: usize,
+        source: super::memory_faults::FaultGuardError,
+    },
 }
 
 /// The frontend's memory, mapped, plus what is needed to translate its userspace addresses.
 #[derive(Debug, Clone)]
 pub struct MappedMemory {
+    /// Declared before `guest`: a guard is dropped before its mapping can be unmapped.
+    guards: Arc<Vec<(usize, FaultGuard)>>,
     guest: Arc<GuestMemoryMmap>,
     layouts: Vec<RegionLayout>,
 }
@@ -80,6 +88,17 @@ impl MappedMemory {
     /// Validates the table and maps every region. Takes the fds by value: each is closed when
     /// this returns, on success (the mapping keeps the memory alive) and on every error path.
     pub fn map(layouts: &[RegionLayout], fds: Vec<OwnedFd>) -> Result<Self, MemoryError> {
+        Self::map_for_session(layouts, fds, None)
+    }
+
+    /// As [`MappedMemory::map`], and every region whose fd is not sealed against shrinking is
+    /// guarded against vanishing pages (`memory_faults`): a fault in it reads zeros, fails the
+    /// request, and shuts `session` down.
+    pub fn map_for_session(
+        layouts: &[RegionLayout],
+        fds: Vec<OwnedFd>,
+        session: Option<BorrowedFd<'_>>,
+    ) -> Result<Self, MemoryError> {
         if layouts.len() != fds.len() {
             return Err(MemoryError::FdCountMismatch {
                 regions: layouts.len(),
@@ -96,6 +115,7 @@ impl MappedMemory {
 
         let page_size = page_size();
         let mut regions = Vec::with_capacity(layouts.len());
+        let mut guards = Vec::new();
         for (index, (layout, fd)) in layouts.iter().zip(fds).enumerate() {
             if !layout.mmap_offset.is_multiple_of(page_size) {
                 return Err(MemoryError::UnalignedOffset {
@@ -103,6 +123,7 @@ impl MappedMemory {
                     offset: layout.mmap_offset,
                 });
             }
+            let sealed = sealed_against_shrinking(fd.as_fd());
             let file = File::from(fd);
             let fd_size = file
                 .metadata()
@@ -125,6 +146,11 @@ impl MappedMemory {
             // MmapRegion::from_file maps PROT_READ|PROT_WRITE, MAP_SHARED|MAP_NORESERVE.
             let mapping = MmapRegion::from_file(FileOffset::new(file, layout.mmap_offset), size)
                 .map_err(|source| MemoryError::Mmap { index, source })?;
+            if !sealed {
+                let guard = FaultGuard::register(mapping.as_ptr() as usize, size, session)
+                    .map_err(|source| MemoryError::Guard { index, source })?;
+                guards.push((index, guard));
+            }
             let region = GuestRegionMmap::new(mapping, GuestAddress(layout.guest_phys_addr))
                 .ok_or(MemoryError::Overflow {
                     index,
@@ -136,9 +162,24 @@ impl MappedMemory {
         let guest = GuestMemoryMmap::from_regions(regions)
             .map_err(|e| MemoryError::Assemble(e.to_string()))?;
         Ok(MappedMemory {
+            guards: Arc::new(guards),
             guest: Arc::new(guest),
             layouts: layouts.to_vec(),
         })
+    }
+
+    /// The first region whose pages vanished under us (its fd shrank after SET_MEM_TABLE):
+    /// (region index, faults taken, first faulting host address).
+    pub fn vanished(&self) -> Option<(usize, u64, usize)> {
+        self.guards.iter().find_map(|(index, g)| {
+            let (faults, addr) = g.faults();
+            (faults > 0).then_some((*index, faults, addr))
+        })
+    }
+
+    /// How many regions are guarded (their fds were not sealed against shrinking).
+    pub fn guarded_regions(&self) -> usize {
+        self.guards.len()
     }
 
     /// Guest memory, shared with the queue workers (each in-flight request holds a reference,

@@ -4,6 +4,8 @@
 //! - `config`: the config space the guest reads (GET_CONFIG) and the offered feature bits.
 //! - `request`: one request, parsed from a descriptor chain and executed.
 //! - `memory`: guest memory mapped from the SET_MEM_TABLE fds, and address translation.
+//! - `memory_faults`: surviving a frontend that shrinks a memory fd under us (SIGBUS).
+//! - `peer_fd`: non-blocking use of the frontend's eventfds; escaping peer text for logs.
 //! - `queue_worker`: the data path of one virtqueue (kick → requests → used ring → call).
 //! - `vring`: what the frontend told us about one ring, and when it runs.
 //! - `backend`: the vhost-user protocol state machine and the public API.
@@ -12,6 +14,8 @@ pub mod backend;
 pub mod config;
 pub mod disk;
 pub mod memory;
+pub mod memory_faults;
+pub mod peer_fd;
 pub mod queue_worker;
 pub mod request;
 pub mod vring;

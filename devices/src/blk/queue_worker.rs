@@ -16,7 +16,7 @@
 //! memory table, SET_VRING_ENABLE 0) stops popping first, then waits until every popped request
 //! has reached the used ring, so the returned avail index tells exactly what was consumed.
 //!
-//! Where inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) plugs in later: `fetch_chains`
+//! Where inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) plugs in later: `pop_chain`
 //! is the single place a head leaves the avail ring and `complete` the single place it reaches
 //! the used ring; both run under the queue lock.
 
@@ -33,41 +33,118 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::Disk;
+use super::peer_fd;
 use super::request::{BlkRequest, Completion};
 
 /// I/O threads per queue: enough for several requests in flight without a thread per request.
 pub const IO_THREADS_PER_QUEUE: usize = 4;
 
+/// Requests one queue may have popped and not yet completed.
+///
+/// With [`IN_FLIGHT_BOOKKEEPING_BUDGET`] this bounds what a guest can make a queue hold when the
+/// I/O threads fall behind, whatever the ring size: a 32768-entry ring of 4096-descriptor chains
+/// would otherwise be ~2 GiB of buffer lists. When either limit is reached the dispatcher stops
+/// popping until a completion frees room: the requests wait in the avail ring, none is dropped
+/// or failed.
+pub const MAX_REQUESTS_IN_FLIGHT: usize = 256;
+
+/// Bytes of per-request bookkeeping (the request and its parsed buffer lists) one queue may hold
+/// in flight. A request is admitted whole while the queue is under budget, so the most a queue
+/// holds is this plus one request (at most ~128 KiB: `MAX_CHAIN_DESCRIPTORS` buffers of 16 bytes,
+/// twice for vector growth).
+pub const IN_FLIGHT_BOOKKEEPING_BUDGET: usize = 1 << 20;
+
+/// How often a stopping queue releases writers of ours that a peer wedged on a full call or err
+/// counter (`peer_fd`'s residual window) while it waits for its threads.
+const STOP_RESCUE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// An eventfd the frontend gave us (call or err), replaceable while the queue runs: QEMU swaps
 /// the call fd when the guest masks and unmasks the interrupt.
+///
+/// The fd is shared with the peer, which may make a write block (see `peer_fd`): so no lock is
+/// held while writing (a writer sleeping in the residual window must not block `set`), and
+/// whoever replaces or waits for a writer can [`Notifier::unwedge`] it.
 #[derive(Debug, Default)]
 pub struct Notifier {
-    fd: RwLock<Option<EventFd>>,
+    fd: RwLock<Option<Arc<EventFd>>>,
+    /// A `signal_detached` helper thread is under way.
+    helper_busy: Arc<AtomicBool>,
 }
 
 impl Notifier {
+    /// Replaces the fd. A writer of ours still sleeping on the old one is released first.
     pub fn set(&self, fd: Option<EventFd>) {
-        *self.fd.write().unwrap_or_else(PoisonError::into_inner) = fd;
+        let old = std::mem::replace(
+            &mut *self.fd.write().unwrap_or_else(PoisonError::into_inner),
+            fd.map(Arc::new),
+        );
+        if let Some(old) = old {
+            unwedge_fd(&old);
+        }
     }
 
     pub fn is_set(&self) -> bool {
+        self.current().is_some()
+    }
+
+    fn current(&self) -> Option<Arc<EventFd>> {
         self.fd
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
+            .clone()
     }
 
-    /// Writes 1 to the eventfd, if one is set. A full eventfd counter (EAGAIN) already means
-    /// "signalled", so that is not an error.
+    /// Adds 1 to the eventfd, if one is set. A full counter already means "signalled", so that
+    /// is not an error, and it is never waited on (`peer_fd::signal`).
     pub fn signal(&self) {
-        let guard = self.fd.read().unwrap_or_else(PoisonError::into_inner);
-        if let Some(fd) = guard.as_ref() {
-            if let Err(e) = fd.write(1) {
-                if e.kind() != io::ErrorKind::WouldBlock {
-                    warn!("cannot signal eventfd {}: {e}", fd.as_raw_fd());
-                }
-            }
+        if let Some(fd) = self.current() {
+            signal_fd(&fd);
         }
+    }
+
+    /// `signal` for a thread that must never sleep, not even in `peer_fd`'s residual window (the
+    /// session thread, which every later frontend waits for): the write runs on a helper
+    /// thread, at most one per notifier. A helper still under way means a signal is pending.
+    pub fn signal_detached(&self) {
+        let Some(fd) = self.current() else { return };
+        if self.helper_busy.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let busy = Arc::clone(&self.helper_busy);
+        let spawned = thread::Builder::new()
+            .name("blk-signal".into())
+            .spawn(move || {
+                signal_fd(&fd);
+                busy.store(false, Ordering::Release);
+            });
+        if let Err(e) = spawned {
+            self.helper_busy.store(false, Ordering::Release);
+            warn!("cannot spawn a thread to signal an eventfd: {e}");
+        }
+    }
+
+    /// Releases a writer of ours sleeping on a full counter (drains it; see `peer_fd`).
+    pub fn unwedge(&self) {
+        if let Some(fd) = self.current() {
+            unwedge_fd(&fd);
+        }
+    }
+}
+
+fn signal_fd(fd: &EventFd) {
+    if let Err(e) = peer_fd::signal(fd) {
+        warn!("cannot signal eventfd {}: {e}", fd.as_raw_fd());
+    }
+}
+
+fn unwedge_fd(fd: &EventFd) {
+    match peer_fd::unwedge(fd) {
+        Ok(true) => warn!(
+            "eventfd {} was full (only a misbehaving frontend fills it); drained it",
+            fd.as_raw_fd()
+        ),
+        Ok(false) => {}
+        Err(e) => warn!("cannot inspect eventfd {}: {e}", fd.as_raw_fd()),
     }
 }
 
@@ -119,6 +196,17 @@ struct QueueShared {
     stopping: AtomicBool,
     /// Requests handed to the I/O threads and not completed yet.
     in_flight: AtomicUsize,
+    /// Their bookkeeping bytes (`bookkeeping_bytes`), against `IN_FLIGHT_BOOKKEEPING_BUDGET`.
+    in_flight_bytes: AtomicUsize,
+    /// The most `in_flight_bytes` has been (what the budget test checks).
+    peak_in_flight_bytes: AtomicUsize,
+    /// The dispatcher stopped popping for want of room and waits on `room`.
+    throttled: AtomicBool,
+    /// Written by an I/O thread that frees room while the dispatcher is throttled. Our own fd.
+    room: EventFd,
+    /// Tests hold this for writing to make the I/O threads fall behind.
+    #[cfg(test)]
+    test_io_gate: RwLock<()>,
     queue: Mutex<Queue>,
     mem: Arc<GuestMemoryMmap>,
     disk: Arc<Disk>,
@@ -131,6 +219,8 @@ struct QueueShared {
 pub struct QueueWorker {
     index: u16,
     stop: EventFd,
+    /// Written by the dispatcher when it has finished (its I/O threads joined).
+    done: EventFd,
     dispatcher: Option<JoinHandle<()>>,
     shared: Arc<QueueShared>,
 }
@@ -147,10 +237,18 @@ impl QueueWorker {
         let os_err = |source| QueueError::Os { index, source };
         let stop = EventFd::new(EFD_NONBLOCK).map_err(os_err)?;
         let stop_for_thread = stop.try_clone().map_err(os_err)?;
+        let done = EventFd::new(EFD_NONBLOCK).map_err(os_err)?;
+        let done_for_thread = done.try_clone().map_err(os_err)?;
         let shared = Arc::new(QueueShared {
             index,
             stopping: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            in_flight_bytes: AtomicUsize::new(0),
+            peak_in_flight_bytes: AtomicUsize::new(0),
+            throttled: AtomicBool::new(false),
+            room: EventFd::new(EFD_NONBLOCK).map_err(os_err)?,
+            #[cfg(test)]
+            test_io_gate: RwLock::new(()),
             queue: Mutex::new(queue),
             mem,
             disk,
@@ -162,12 +260,16 @@ impl QueueWorker {
         let thread_shared = Arc::clone(&shared);
         let dispatcher = thread::Builder::new()
             .name(format!("blk-q{index}"))
-            .spawn(move || dispatch(thread_shared, kick, stop_for_thread, queue_size))
+            .spawn(move || {
+                let _done = SignalOnDrop(done_for_thread);
+                dispatch(thread_shared, kick, stop_for_thread, queue_size)
+            })
             .map_err(os_err)?;
         debug!(queue = index, "virtio-blk queue started");
         Ok(QueueWorker {
             index,
             stop,
+            done,
             dispatcher: Some(dispatcher),
             shared,
         })
@@ -184,6 +286,12 @@ impl QueueWorker {
         if let Err(e) = self.stop.write(1) {
             error!(queue = self.index, "cannot signal the queue to stop: {e}");
         }
+        // A thread of ours may sleep in a write to a call/err fd the peer filled between our
+        // poll and our write (`peer_fd`); draining the full counter releases it.
+        while !readable_within(&self.done, STOP_RESCUE_INTERVAL) {
+            self.shared.call.unwedge();
+            self.shared.err.unwedge();
+        }
         if let Some(Err(_)) = self.dispatcher.take().map(JoinHandle::join) {
             error!(queue = self.index, "queue dispatcher thread panicked");
         }
@@ -195,6 +303,15 @@ impl QueueWorker {
             .next_avail();
         debug!(queue = self.index, next_avail, "virtio-blk queue stopped");
         next_avail
+    }
+}
+
+/// Writes its eventfd (ours) when dropped, on unwinding too.
+struct SignalOnDrop(EventFd);
+
+impl Drop for SignalOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.write(1);
     }
 }
 
@@ -237,7 +354,8 @@ fn build_queue(setup: &QueueSetup, mem: &GuestMemoryMmap) -> Result<Queue, Queue
 /// The dispatcher: waits for kicks, pops chains, parses them and queues them to the I/O threads.
 /// Returns when stopped, after the I/O threads have drained.
 fn dispatch(shared: Arc<QueueShared>, kick: EventFd, stop: EventFd, queue_size: usize) {
-    let (sender, receiver) = sync_channel::<BlkRequest>(queue_size);
+    // In-flight requests never exceed MAX_REQUESTS_IN_FLIGHT, so neither does the channel.
+    let (sender, receiver) = sync_channel::<Admitted>(queue_size.min(MAX_REQUESTS_IN_FLIGHT));
     let receiver = Arc::new(Mutex::new(receiver));
     let mut io_threads = Vec::with_capacity(IO_THREADS_PER_QUEUE);
     for n in 0..IO_THREADS_PER_QUEUE {
@@ -269,18 +387,33 @@ fn dispatch(shared: Arc<QueueShared>, kick: EventFd, stop: EventFd, queue_size: 
 
 enum Wake {
     Kick,
+    Room,
     Stop,
 }
+
+/// Where popping stands after `fetch_and_send`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fetch {
+    /// The avail ring is empty (or we are stopping).
+    Idle,
+    /// The in-flight budget is used up: wait for `room`, not for kicks.
+    Throttled,
+    /// The ring is broken; nothing more is popped.
+    Broken,
+}
+
+/// A request handed to the I/O threads, with the bookkeeping bytes it was admitted with.
+type Admitted = (BlkRequest, usize);
 
 fn serve_kicks(
     shared: &QueueShared,
     kick: &EventFd,
     stop: &EventFd,
-    sender: &SyncSender<BlkRequest>,
+    sender: &SyncSender<Admitted>,
 ) {
     let mut kick_usable = true;
     // The guest may have queued requests before the kick fd was (re)connected: look once first.
-    let mut broken = !fetch_and_send(shared, sender);
+    let mut state = fetch_and_send(shared, sender);
     let avail_idx_addr = {
         let queue = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
         queue.avail_ring().checked_add(2).map(GuestAddress)
@@ -289,28 +422,39 @@ fn serve_kicks(
         // Before sleeping in poll(), watch the avail index for a few microseconds: a driver at
         // queue depth 1 often publishes its next request right after our completion, and
         // catching it here saves a sleep and a wake-up (QEMU's event loop polls the same way).
-        if !broken
+        if state == Fetch::Idle
             && avail_idx_addr.is_some_and(|a| new_request_within(shared, a, POLL_BEFORE_SLEEP))
         {
-            broken = !fetch_and_send(shared, sender);
+            state = fetch_and_send(shared, sender);
             continue;
         }
-        match wait(kick, stop, kick_usable) {
+        // Throttled, a kick changes nothing: wait for room (the kick stays pending).
+        match wait(
+            kick,
+            stop,
+            &shared.room,
+            kick_usable && state != Fetch::Throttled,
+        ) {
             Ok(Wake::Stop) => return,
-            Ok(Wake::Kick) => {
-                // Reset the counter before scanning: a kick after this read wakes us again.
-                if let Err(e) = kick.read() {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        warn!(
-                            queue = shared.index,
-                            "kick fd unreadable, waiting for stop: {e}"
-                        );
-                        kick_usable = false;
-                        continue;
-                    }
+            Ok(Wake::Room) => {
+                let _ = shared.room.read();
+                if state == Fetch::Throttled {
+                    state = fetch_and_send(shared, sender);
                 }
-                if !broken {
-                    broken = !fetch_and_send(shared, sender);
+            }
+            Ok(Wake::Kick) => {
+                // Reset the counter before scanning: a kick after this read wakes us again. The
+                // fd is the peer's: the read must not depend on its O_NONBLOCK (`peer_fd`).
+                if let Err(e) = peer_fd::drain(kick) {
+                    warn!(
+                        queue = shared.index,
+                        "kick fd unreadable, waiting for stop: {e}"
+                    );
+                    kick_usable = false;
+                    continue;
+                }
+                if state == Fetch::Idle {
+                    state = fetch_and_send(shared, sender);
                 }
             }
             Err(e) => {
@@ -346,62 +490,111 @@ fn new_request_within(
     false
 }
 
-/// Pops every available chain and hands it on. Returns false when the ring is broken (the guest
-/// published an impossible avail index): the queue then stops serving and the err fd is written.
-fn fetch_and_send(shared: &QueueShared, sender: &SyncSender<BlkRequest>) -> bool {
+/// Pops available chains and hands them on while the queue's in-flight budget has room.
+/// `Broken` when the guest published an impossible avail index: the queue then stops serving and
+/// the err fd is written.
+fn fetch_and_send(shared: &QueueShared, sender: &SyncSender<Admitted>) -> Fetch {
     while !shared.stopping.load(Ordering::Acquire) {
-        let chains = match fetch_chains(shared) {
-            Ok(chains) => chains,
+        if !shared.has_room() {
+            // Dekker with `release`: either it sees `throttled` and writes `room`, or we see
+            // the room it freed.
+            shared.throttled.store(true, Ordering::SeqCst);
+            if !shared.has_room() {
+                return Fetch::Throttled;
+            }
+            shared.throttled.store(false, Ordering::SeqCst);
+        }
+        let (chain, more) = match pop_chain(shared) {
+            Ok(Some(popped)) => popped,
+            Ok(None) => return Fetch::Idle,
             Err(e) => {
                 error!(
                     queue = shared.index,
                     "virtqueue is broken, no longer served: {e}"
                 );
                 shared.err.signal();
-                return false;
+                return Fetch::Broken;
             }
         };
-        if chains.is_empty() {
-            return true;
+        let request = BlkRequest::parse(chain);
+        // A lone request on an otherwise idle queue (queue depth 1) runs right here: handing
+        // it to an I/O thread would cost two thread wake-ups for nothing to overlap with.
+        // Several at once go to the I/O threads, so they overlap and may complete out of order.
+        if !more && shared.in_flight.load(Ordering::Acquire) == 0 {
+            complete(shared, request.execute(&shared.mem, &shared.disk));
+            continue;
         }
-        let lone = chains.len() == 1;
-        for chain in chains {
-            let request = BlkRequest::parse(chain);
-            // A lone request on an otherwise idle queue (queue depth 1) runs right here: handing
-            // it to an I/O thread would cost two thread wake-ups for nothing to overlap with.
-            // Several at once go to the I/O threads, so they overlap and may complete out of order.
-            if lone && shared.in_flight.load(Ordering::Acquire) == 0 {
-                complete(shared, request.execute(&shared.mem, &shared.disk));
-                continue;
-            }
-            shared.in_flight.fetch_add(1, Ordering::AcqRel);
-            if sender.send(request).is_err() {
-                shared.in_flight.fetch_sub(1, Ordering::AcqRel);
-                return true;
+        let cost = bookkeeping_bytes(&request);
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let held = shared.in_flight_bytes.fetch_add(cost, Ordering::SeqCst) + cost;
+        shared
+            .peak_in_flight_bytes
+            .fetch_max(held, Ordering::Relaxed);
+        if sender.send((request, cost)).is_err() {
+            shared.release(cost);
+            return Fetch::Idle;
+        }
+    }
+    Fetch::Idle
+}
+
+/// What a request holds while in flight: itself and its buffer lists.
+fn bookkeeping_bytes(request: &BlkRequest) -> usize {
+    let buffers = request.body.as_ref().map_or(0, |body| {
+        body.readable_data.capacity() + body.writable_data.capacity()
+    });
+    std::mem::size_of::<BlkRequest>()
+        + buffers.saturating_mul(std::mem::size_of::<super::request::GuestBuffer>())
+}
+
+impl QueueShared {
+    fn has_room(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) < MAX_REQUESTS_IN_FLIGHT
+            && self.in_flight_bytes.load(Ordering::SeqCst) < IN_FLIGHT_BOOKKEEPING_BUDGET
+    }
+
+    /// A request admitted with `cost` is done: give its room back, waking a throttled dispatcher.
+    fn release(&self, cost: usize) {
+        self.in_flight_bytes.fetch_sub(cost, Ordering::SeqCst);
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.throttled.swap(false, Ordering::SeqCst) {
+            if let Err(e) = self.room.write(1) {
+                error!(queue = self.index, "cannot wake the dispatcher: {e}");
             }
         }
     }
-    true
 }
 
-fn fetch_chains(
+/// Pops one chain (the single place a head leaves the avail ring), and says whether another one
+/// is available behind it.
+#[allow(clippy::type_complexity)]
+fn pop_chain(
     shared: &QueueShared,
-) -> Result<Vec<DescriptorChain<Arc<GuestMemoryMmap>>>, virtio_queue::Error> {
+) -> Result<Option<(DescriptorChain<Arc<GuestMemoryMmap>>, bool)>, virtio_queue::Error> {
     let mut queue = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
-    let chains = queue.iter(Arc::clone(&shared.mem))?.collect();
-    Ok(chains)
+    let Some(chain) = queue.iter(Arc::clone(&shared.mem))?.next() else {
+        return Ok(None);
+    };
+    // Only a hint (lone request or not): an unreadable index counts as "more".
+    let more = queue
+        .avail_idx(&*shared.mem, Ordering::Acquire)
+        .map_or(true, |idx| idx.0 != queue.next_avail());
+    Ok(Some((chain, more)))
 }
 
-fn io_worker(shared: Arc<QueueShared>, receiver: Arc<Mutex<Receiver<BlkRequest>>>) {
+fn io_worker(shared: Arc<QueueShared>, receiver: Arc<Mutex<Receiver<Admitted>>>) {
     loop {
         let next = receiver
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .recv();
-        let Ok(request) = next else { return };
+        let Ok((request, cost)) = next else { return };
+        #[cfg(test)]
+        drop(shared.test_io_gate.read());
         let completion = request.execute(&shared.mem, &shared.disk);
         complete(&shared, completion);
-        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        drop(request);
+        shared.release(cost);
     }
 }
 
@@ -439,23 +632,17 @@ fn driver_suppresses_interrupts(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
     }
 }
 
-/// Blocks until the stop fd or (if usable) the kick fd is readable.
-fn wait(kick: &EventFd, stop: &EventFd, kick_usable: bool) -> io::Result<Wake> {
-    let mut fds = [
-        libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: kick.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    let count: libc::nfds_t = if kick_usable { 2 } else { 1 };
+/// Blocks until the stop fd, the room fd or (if usable) the kick fd is readable.
+fn wait(kick: &EventFd, stop: &EventFd, room: &EventFd, kick_usable: bool) -> io::Result<Wake> {
+    let pollfd = |fd: &EventFd| libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let mut fds = [pollfd(stop), pollfd(room), pollfd(kick)];
+    let count: libc::nfds_t = if kick_usable { 3 } else { 2 };
     loop {
-        // SAFETY: `fds` is a valid array of `count` (<= 2) pollfd structs that outlives the call.
+        // SAFETY: `fds` is a valid array of `count` (<= 3) pollfd structs that outlives the call.
         let ret = unsafe { libc::poll(fds.as_mut_ptr(), count, -1) };
         if ret < 0 {
             let e = io::Error::last_os_error();
@@ -467,14 +654,38 @@ fn wait(kick: &EventFd, stop: &EventFd, kick_usable: bool) -> io::Result<Wake> {
         if fds[0].revents != 0 {
             return Ok(Wake::Stop);
         }
-        if fds[1].revents & libc::POLLIN != 0 {
+        if fds[1].revents != 0 {
+            return Ok(Wake::Room);
+        }
+        if fds[2].revents & libc::POLLIN != 0 {
             return Ok(Wake::Kick);
         }
-        if fds[1].revents != 0 {
+        if fds[2].revents != 0 {
             return Err(io::Error::other(format!(
                 "kick fd reported poll events {:#x}",
-                fds[1].revents
+                fds[2].revents
             )));
+        }
+    }
+}
+
+/// Whether our own `fd` becomes readable within `timeout` (a poll error counts as readable, so
+/// the caller goes on to its join rather than loop).
+fn readable_within(fd: &EventFd, timeout: std::time::Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    loop {
+        // SAFETY: one valid pollfd, alive and exclusively borrowed for the call.
+        let ret = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if ret >= 0 {
+            return ret > 0;
+        }
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return true;
         }
     }
 }
@@ -724,6 +935,163 @@ mod tests {
         r.ring = TestRing::new(128, 0x1000);
         r.ring.size = 48;
         assert!(matches!(r.start(0), Err(QueueError::InvalidSize { .. })));
+    }
+
+    /// Stops `worker` on another thread and fails loudly if that hangs.
+    fn stop_bounded(worker: QueueWorker) -> u16 {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(worker.stop());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("QueueWorker::stop hung")
+    }
+
+    /// A peer that cleared O_NONBLOCK on its call and err fds (the open file description is
+    /// shared) and filled both counters: completions and a broken ring must not block on them.
+    #[test]
+    fn full_blocking_call_and_err_counters_never_block_the_queue() {
+        const FULL: u64 = 0xffff_ffff_ffff_fffe;
+        let mut r = setup();
+        let call = EventFd::new(0).unwrap();
+        let err = EventFd::new(0).unwrap();
+        call.write(FULL).unwrap();
+        err.write(FULL).unwrap();
+        r.call_notifier.set(Some(call.try_clone().unwrap()));
+        r.err_notifier.set(Some(err.try_clone().unwrap()));
+        let worker = r.start(0).unwrap();
+        for n in 0..8u64 {
+            r.submit_write(n, n, 3);
+        }
+        r.kick.write(1).unwrap();
+        r.ring.wait_used(r.mem.guest(), 8);
+        // Then an impossible avail index: the dispatcher signals err.
+        r.mem
+            .guest()
+            .store(
+                1000u16.to_le(),
+                GuestAddress(r.ring.rings.avail_ring.0 + 2),
+                std::sync::atomic::Ordering::Release,
+            )
+            .unwrap();
+        r.kick.write(1).unwrap();
+        assert_eq!(stop_bounded(worker), 8);
+        assert_eq!(
+            call.read().unwrap(),
+            FULL,
+            "nothing was added to a full counter"
+        );
+        assert_eq!(err.read().unwrap(), FULL);
+    }
+
+    /// The kick fd as a blocking eventfd whose counter the peer drains itself: the dispatcher's
+    /// read after poll must not block, and stop still ends it.
+    #[test]
+    fn a_kick_fd_the_peer_drains_never_blocks_the_dispatcher() {
+        let mut r = setup();
+        r.kick = EventFd::new(0).unwrap();
+        let worker = r.start(0).unwrap();
+        for round in 0..200u64 {
+            r.kick.write(1).unwrap();
+            let _ = peer_fd::drain(&r.kick);
+            if round == 100 {
+                r.submit_write(0, 0, 9);
+                r.kick.write(1).unwrap();
+            }
+        }
+        r.ring.wait_used(r.mem.guest(), 1);
+        assert_eq!(stop_bounded(worker), 1);
+    }
+
+    /// 128 legal requests of MAX_CHAIN_DESCRIPTORS descriptors each (seg_max + 2 for the
+    /// largest seg_max offered, through one shared indirect table), with the I/O threads held:
+    /// the queue stops popping at its budget, then serves every one once they run again.
+    #[test]
+    fn in_flight_bookkeeping_stays_within_the_queue_budget() {
+        use crate::blk::request::MAX_CHAIN_DESCRIPTORS;
+        use virtio_bindings::virtio_blk::VIRTIO_BLK_T_GET_ID;
+        const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+        let r = setup();
+        let g = r.mem.guest().clone();
+        let table = 0x1c_0000u64;
+        let header = 0x1d_0000u64;
+        let data = 0x1d_1000u64;
+        let status = 0x1d_2000u64;
+        g.write_slice(
+            &request_header(VIRTIO_BLK_T_GET_ID, 0),
+            GuestAddress(header),
+        )
+        .unwrap();
+        let n = MAX_CHAIN_DESCRIPTORS as u64;
+        for i in 0..n {
+            let (addr, len, flags) = match i {
+                0 => (header, 16, 0),
+                i if i == n - 1 => (status, 1, 2),
+                i => (data + i, 1, 2),
+            };
+            let flags = if i + 1 < n { flags | 1 } else { flags };
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+            raw[12..14].copy_from_slice(&(flags as u16).to_le_bytes());
+            raw[14..16].copy_from_slice(&((i + 1) as u16).to_le_bytes());
+            g.write_slice(&raw, GuestAddress(table + 16 * i)).unwrap();
+        }
+        let mut ring = r.ring;
+        let heads = ring.size;
+        for head in 0..heads {
+            ring.write_desc(&g, head, table, (16 * n) as u32, VIRTQ_DESC_F_INDIRECT, 0);
+        }
+        let worker = QueueWorker::start(
+            QueueSetup {
+                index: 0,
+                size: ring.size,
+                rings: ring.rings,
+                next_avail: 0,
+                kick: r.kick.try_clone().unwrap(),
+                call: Arc::clone(&r.call_notifier),
+                err: Arc::clone(&r.err_notifier),
+            },
+            Arc::clone(r.mem.guest()),
+            Arc::clone(&r.disk),
+        )
+        .unwrap();
+        let gate = worker.shared.test_io_gate.write().unwrap();
+        for head in 0..heads {
+            ring.publish(&g, head);
+        }
+        r.kick.write(1).unwrap();
+        // Wait until the dispatcher has stopped popping (throttled) or popped everything.
+        let popped = || worker.shared.queue.lock().unwrap().next_avail();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !worker.shared.throttled.load(Ordering::SeqCst) && popped() != heads {
+            assert!(std::time::Instant::now() < deadline, "dispatcher stuck");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let one_request =
+            2 * MAX_CHAIN_DESCRIPTORS * std::mem::size_of::<super::super::request::GuestBuffer>()
+                + std::mem::size_of::<BlkRequest>();
+        let peak = worker.shared.peak_in_flight_bytes.load(Ordering::SeqCst);
+        assert!(
+            peak <= IN_FLIGHT_BOOKKEEPING_BUDGET + one_request,
+            "{peak} bytes held by one queue (budget {IN_FLIGHT_BOOKKEEPING_BUDGET})"
+        );
+        assert!(popped() < heads, "every request was popped at once");
+        assert!(ring.used_idx(&g) < heads);
+        // The I/O threads run again: every request completes, none is dropped or failed.
+        drop(gate);
+        ring.wait_used(&g, heads);
+        for i in 0..heads {
+            assert_eq!(ring.used_elem(&g, i).1, 21, "20 id bytes and the status");
+        }
+        assert_eq!(
+            g.read_obj::<u8>(GuestAddress(status)).unwrap(),
+            0,
+            "status OK"
+        );
+        let peak = worker.shared.peak_in_flight_bytes.load(Ordering::SeqCst);
+        assert!(peak <= IN_FLIGHT_BOOKKEEPING_BUDGET + one_request, "{peak}");
+        assert_eq!(stop_bounded(worker), heads);
     }
 
     #[test]

@@ -28,6 +28,7 @@ use vm_memory::{
 };
 
 use super::disk::{Disk, RangeError, DISK_ID_LEN};
+use super::memory_faults::thread_faults;
 
 /// Size of the request header (struct virtio_blk_outhdr).
 pub const REQUEST_HEADER_LEN: usize = 16;
@@ -96,6 +97,8 @@ pub enum RequestError {
     GuestMemory(#[from] vm_memory::GuestMemoryError),
     #[error("disk I/O failed: {0}")]
     Disk(#[from] std::io::Error),
+    #[error("guest memory vanished under the request (the frontend shrank its memory fd)")]
+    MemoryVanished,
 }
 
 impl RequestError {
@@ -193,7 +196,7 @@ impl BlkRequest {
                 debug!(head = self.head, "virtio-blk request refused: {e}");
                 (e.status(), 0)
             }
-            Ok(body) => match execute_body(body, mem, disk) {
+            Ok(body) => match execute_checked(body, mem, disk) {
                 Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
                 Err(e) => {
                     match e {
@@ -308,6 +311,21 @@ fn read_prefix<M: GuestMemory + ?Sized>(
     Ok(rest)
 }
 
+/// `execute_body`, failed if any guest page it touched vanished (what it read or wrote there
+/// was a stand-in zero page, not the guest's memory).
+fn execute_checked(
+    body: &RequestBody,
+    mem: &GuestMemoryMmap,
+    disk: &Disk,
+) -> Result<u32, RequestError> {
+    let faults = thread_faults();
+    let result = execute_body(body, mem, disk);
+    if thread_faults() != faults {
+        return Err(RequestError::MemoryVanished);
+    }
+    result
+}
+
 /// Returns how many bytes were written into the chain's writable data buffers.
 fn execute_body(
     body: &RequestBody,
@@ -406,7 +424,12 @@ fn copy_guest_to_disk(
 ) -> Result<(), RequestError> {
     let mut bounce = bounce_buffer(buffers);
     for_each_chunk(buffers, |addr, n| {
+        let faults = thread_faults();
         mem.read_slice(&mut bounce[..n], addr)?;
+        // A page that vanished under the copy read as zeros: never write those to the disk.
+        if thread_faults() != faults {
+            return Err(RequestError::MemoryVanished);
+        }
         disk.write_all_at(&bounce[..n], offset)?;
         offset += n as u64;
         Ok(())
@@ -495,6 +518,37 @@ mod tests {
         fn status(&self) -> u8 {
             self.g().read_obj(GuestAddress(STATUS)).unwrap()
         }
+    }
+
+    /// A frontend that shrinks its memory fd under a write: the request fails, the disk keeps
+    /// what it had (no zeros from the stand-in page), and this process lives (without the
+    /// `memory_faults` guard the copy dies of SIGBUS).
+    #[test]
+    fn a_write_from_memory_that_vanished_fails_and_writes_nothing() {
+        let (mem, ram) = guest_memory(0x100000);
+        assert_eq!(mem.guarded_regions(), 1, "an unsealed memfd is guarded");
+        let (disk, disk_file) = memfd_disk(64, false);
+        disk_file.write_all_at(&[0xee; 4096], 0).unwrap();
+        let mut ring = TestRing::new(16, 0x1000);
+        let g = mem.guest().clone();
+        g.write_slice(&request_header(VIRTIO_BLK_T_OUT, 0), GuestAddress(HEADER))
+            .unwrap();
+        let far = 0x80000u64; // a data page the shrink takes away
+        g.write_slice(&[0x5a; 4096], GuestAddress(far)).unwrap();
+        ring.add_chain(
+            &g,
+            &[(HEADER, 16, false), (far, 4096, false), (STATUS, 1, true)],
+        );
+        ram.set_len(0x40000).unwrap();
+        let request = BlkRequest::parse(pop_chain(&g, &ring, 0));
+        let c = request.execute(&g, &disk);
+        assert_eq!(c.status, Some(IOERR));
+        let mut on_disk = vec![0u8; 4096];
+        disk_file.read_exact_at(&mut on_disk, 0).unwrap();
+        assert!(on_disk.iter().all(|b| *b == 0xee), "the disk was written");
+        let (region, faults, _) = mem.vanished().expect("the fault was recorded");
+        assert_eq!(region, 0);
+        assert!(faults >= 1);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::Disk;
 use super::memory::MappedMemory;
+use super::peer_fd::escape_os_for_log;
 use super::queue_worker::{Notifier, QueueSetup, QueueWorker, RingAddresses};
 
 /// Ring addresses as the frontend sends them: in *its* virtual address space.
@@ -61,6 +62,16 @@ pub struct Vring {
     worker: Option<QueueWorker>,
 }
 
+impl Drop for Vring {
+    /// The worker is stopped (its threads joined), and a `signal_detached` helper that a peer
+    /// wedged on a full counter is released, so nothing of this ring outlives the session.
+    fn drop(&mut self) {
+        self.pause();
+        self.call.unwedge();
+        self.err.unwedge();
+    }
+}
+
 impl Vring {
     pub fn new(index: u16) -> Self {
         Vring {
@@ -104,14 +115,14 @@ impl Vring {
                 queue = self.index,
                 "vring addresses {addresses:x?} (size {size}) are not inside the memory table; ring not started"
             );
-            self.err.signal();
+            self.err.signal_detached();
             return;
         };
         let kick = match kick.try_clone() {
             Ok(kick) => kick,
             Err(e) => {
                 warn!(queue = self.index, "cannot duplicate the kick fd: {e}");
-                self.err.signal();
+                self.err.signal_detached();
                 return;
             }
         };
@@ -136,7 +147,7 @@ impl Vring {
             }
             Err(e) => {
                 warn!("vring not started: {e}");
-                self.err.signal();
+                self.err.signal_detached();
             }
         }
     }
@@ -192,28 +203,36 @@ impl Vring {
 
 /// Turns an fd from the frontend into an EventFd, refusing anything that is not an eventfd: a
 /// pipe or a regular file would behave differently under poll/read/write (a file is always
-/// readable, so a kick "file" would make the dispatcher spin). Kick fds are made non-blocking so a
-/// frontend that drains its own eventfd cannot leave a dispatcher stuck in read().
+/// readable, so a kick "file" would make the dispatcher spin).
+///
+/// The fd's flags are left as the peer set them: they live on the open file description it
+/// shares with us, so it could clear an O_NONBLOCK of ours at any time. Every read and write of
+/// these fds goes through `peer_fd`, which never depends on them.
 pub fn eventfd_from_peer(fd: OwnedFd, what: &'static str) -> Result<EventFd, String> {
     let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
         .map_err(|e| format!("{what}: cannot inspect the fd: {e}"))?;
     if link.as_os_str() != "anon_inode:[eventfd]" {
+        // The link names whatever the peer sent (a file it named itself): escaped.
         return Err(format!(
             "{what}: the fd is not an eventfd ({})",
-            link.display()
+            escape_os_for_log(link.as_os_str())
         ));
     }
-    let raw = fd.into_raw_fd();
-    // SAFETY: `raw` came from an OwnedFd we just gave up, so the EventFd is its only owner.
-    let eventfd = unsafe { EventFd::from_raw_fd(raw) };
-    // SAFETY: fcntl on an fd we own, with integer arguments only.
-    let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(format!(
-            "{what}: cannot make the eventfd non-blocking: {}",
-            std::io::Error::last_os_error()
-        ));
+    // SAFETY: the raw fd comes from an OwnedFd we give up here, so the EventFd is its only owner.
+    Ok(unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_non_eventfd_named_to_forge_log_lines_is_refused_on_one_line() {
+        let path = crate::blk::test_util::temp_path("kick\nERROR forged line");
+        let file = std::fs::File::create(&path).unwrap();
+        let err = eventfd_from_peer(OwnedFd::from(file), "SET_VRING_KICK").unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(!err.contains('\n'), "{err}");
+        assert!(err.contains("kick\\nERROR forged line"), "{err}");
     }
-    Ok(eventfd)
 }

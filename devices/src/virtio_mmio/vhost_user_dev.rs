@@ -55,6 +55,8 @@ pub struct DeviceKind {
     pub config_size: u32,
     /// Where the configuration space holds the queue count (patched to what we expose).
     pub num_queues_config_offset: Option<usize>,
+    /// Where it holds seg_max (le32), clamped to what the ring we expose can carry.
+    pub seg_max_config_offset: Option<usize>,
 }
 
 impl DeviceKind {
@@ -77,6 +79,7 @@ impl DeviceKind {
         // capacity .. write_zeroes_may_unmap and padding: everything those features describe.
         config_size: 60,
         num_queues_config_offset: Some(34),
+        seg_max_config_offset: Some(12),
     };
 }
 
@@ -237,6 +240,22 @@ impl VhostUserDevice {
         if let Some(offset) = kind.num_queues_config_offset {
             if let Some(field) = config.get_mut(offset..offset + 2) {
                 field.copy_from_slice(&options.num_queues.to_le_bytes());
+            }
+        }
+        // seg_max is the backend's promise for *its* largest ring; the guest gets ours, without
+        // INDIRECT_DESC, so a request can have at most queue_size - 2 data segments (plus header
+        // and status). A larger seg_max would have the driver build chains the ring cannot hold.
+        if let Some(offset) = kind.seg_max_config_offset {
+            if let Some(field) = config.get_mut(offset..offset + 4) {
+                let limit = u32::from(options.queue_size.saturating_sub(2)).max(1);
+                let offered = u32::from_le_bytes([field[0], field[1], field[2], field[3]]);
+                if offered > limit {
+                    debug!(
+                        offered,
+                        limit, "vhost-user device: seg_max clamped to the ring"
+                    );
+                    field.copy_from_slice(&limit.to_le_bytes());
+                }
             }
         }
 

@@ -32,7 +32,9 @@ pub struct GuestRegion {
 pub enum MemoryTableError {
     #[error("guest memory has no regions")]
     Empty,
-    #[error("guest memory has {0} regions; one SET_MEM_TABLE carries at most {MAX_MEMORY_REGIONS}")]
+    #[error(
+        "guest memory has {0} regions; one SET_MEM_TABLE carries at most {MAX_MEMORY_REGIONS}"
+    )]
     TooManyRegions(usize),
     #[error("guest region at {guest_phys_addr:#x} is not backed by a file; a backend cannot map it (guest RAM must be a shared memfd)")]
     NotShareable { guest_phys_addr: u64 },

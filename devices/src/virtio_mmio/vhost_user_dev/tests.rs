@@ -836,3 +836,22 @@ fn driver_ok_through_the_transport_starts_the_backend() {
     let names: Vec<_> = take_sent(&backend).iter().map(Sent::name).collect();
     assert_eq!(names, ["SET_VRING_ENABLE", "GET_VRING_BASE"]);
 }
+
+#[test]
+fn seg_max_is_clamped_to_the_ring_the_guest_gets() {
+    let seg_max_of = |offered: u32| {
+        let mut config: Vec<u8> = (0..60).collect();
+        config[12..16].copy_from_slice(&offered.to_le_bytes());
+        let (device, _, _) = device_with(Backend {
+            config,
+            ..Backend::default()
+        });
+        let mut field = [0u8; 4];
+        device.expect("handshake").read_config(12, &mut field);
+        u32::from_le_bytes(field)
+    };
+    // Our backend's default (--queue-size 1024) against the 256-entry ring we expose.
+    assert_eq!(seg_max_of(1022), u32::from(OPTIONS.queue_size) - 2);
+    assert_eq!(seg_max_of(u32::MAX), 254);
+    assert_eq!(seg_max_of(126), 126, "a smaller promise is kept");
+}

@@ -1,0 +1,382 @@
+//! Hostile frontends over a raw unix socket against the real `vmm blk-backend` process: each
+//! misbehaves, then the backend must still be alive, serve a fresh well-behaved frontend (the
+//! test guest's `blk-write-verify` through `vmm run --blk socket=...`) and hold exactly the fds it
+//! held before (/proc/PID/fd).
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use integration_tests::{
+    guest_elf, require_kvm, vmm_bin, vmm_run, zero_image, ChildGuard, TempDir,
+};
+use vhost_frontend::wire::{
+    recv_message, send_message, Header, MemoryRegion, MemoryTable, Request, U64Payload, VringAddr,
+    VringFdIndex, VringState,
+};
+
+/// Every bounded wait: long enough for a loaded machine, short enough to fail loudly on a hang.
+const T: Duration = Duration::from_secs(60);
+/// Where the raw frontend claims guest RAM lives in its address space.
+const VA: u64 = 0x7f00_0000_0000;
+const RAM: u64 = 1 << 20;
+const FULL: u64 = 0xffff_ffff_ffff_fffe;
+
+/// `vmm blk-backend` with its logs on (VMM_LOG=info) and listening.
+fn backend(dir: &TempDir, socket: &Path) -> (ChildGuard, u32) {
+    let image = zero_image(dir, "disk.img", 16 << 20);
+    let mut c = Command::new(vmm_bin());
+    c.args(["blk-backend", "--socket"])
+        .arg(socket)
+        .arg("--file")
+        .arg(&image)
+        .env("VMM_LOG", "info");
+    let mut g = ChildGuard::spawn(&mut c, "vmm blk-backend", dir.path("backend.log"));
+    g.wait_for_listening_socket(socket, Duration::from_secs(10));
+    let pid = g.pid();
+    (g, pid)
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("backend's /proc fd dir")
+        .count()
+}
+
+/// After the hostile session: the backend is alive, its fd count is back to `baseline`, and a
+/// VM through it writes and verifies its blocks.
+fn assert_backend_recovers(g: &mut ChildGuard, pid: u32, baseline: usize, socket: &Path) {
+    let start = Instant::now();
+    while fd_count(pid) != baseline {
+        g.assert_running();
+        assert!(
+            start.elapsed() < T,
+            "backend holds {} fds, {baseline} before the hostile frontend; log:\n{}",
+            fd_count(pid),
+            g.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    require_kvm();
+    let k = guest_elf();
+    let blk = format!("socket={}", socket.display());
+    let o = vmm_run(
+        &[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--cmdline",
+            "blk-write-verify blocks=16 start=0 seed=7 disk=0",
+            "--blk",
+            &blk,
+        ],
+        T,
+    );
+    assert!(
+        !o.timed_out,
+        "hung: {}\nbackend log:\n{}",
+        o.describe(),
+        g.log()
+    );
+    assert_eq!(
+        o.code(),
+        Some(0),
+        "{}\nbackend log:\n{}",
+        o.describe(),
+        g.log()
+    );
+    assert!(
+        o.stdout.contains("blk-write-verify PASS"),
+        "{}",
+        o.describe()
+    );
+    g.assert_running();
+    let start = Instant::now();
+    while fd_count(pid) != baseline {
+        assert!(start.elapsed() < T, "fds leaked by the good session");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A raw frontend: vhost-user messages built with the wire module's encoders.
+struct Raw(UnixStream);
+
+impl Raw {
+    fn connect(socket: &Path) -> Raw {
+        let s = UnixStream::connect(socket).expect("connect");
+        // A reply that never comes is a wedged backend: fail loudly instead of hanging.
+        s.set_read_timeout(Some(T)).unwrap();
+        Raw(s)
+    }
+
+    fn send(&self, request: Request, payload: &[u8], fds: &[BorrowedFd<'_>], need_reply: bool) {
+        let header = Header::for_request(request, payload.len(), need_reply);
+        send_message(&self.0, &header, payload, fds).expect("send");
+    }
+
+    fn reply(&self, request: Request) -> Vec<u8> {
+        let (header, payload, _) = recv_message(&self.0)
+            .unwrap_or_else(|e| panic!("no reply to {} (backend wedged?): {e}", request.name()));
+        assert_eq!(header.request, request.code());
+        payload
+    }
+
+    fn get_u64(&self, request: Request) -> u64 {
+        self.send(request, &[], &[], false);
+        U64Payload::decode(&self.reply(request)).unwrap().0
+    }
+
+    /// Sends with NEED_REPLY; returns the ack (0 = success).
+    fn acked(&self, request: Request, payload: &[u8], fds: &[BorrowedFd<'_>]) -> u64 {
+        self.send(request, payload, fds, true);
+        U64Payload::decode(&self.reply(request)).unwrap().0
+    }
+
+    fn vring(&self, request: Request, index: u32, num: u32) -> u64 {
+        self.acked(request, &VringState { index, num }.encode(), &[])
+    }
+
+    fn vring_fd(&self, request: Request, fd: BorrowedFd<'_>) -> u64 {
+        let payload = VringFdIndex {
+            index: 0,
+            no_fd: false,
+        }
+        .encode();
+        self.acked(request, &payload, &[fd])
+    }
+
+    fn handshake(&self) {
+        let features = self.get_u64(Request::GetFeatures);
+        self.send(
+            Request::SetFeatures,
+            &U64Payload(features).encode(),
+            &[],
+            false,
+        );
+        let protocol = self.get_u64(Request::GetProtocolFeatures);
+        self.send(
+            Request::SetProtocolFeatures,
+            &U64Payload(protocol).encode(),
+            &[],
+            false,
+        );
+        assert_eq!(self.acked(Request::SetOwner, &[], &[]), 0);
+    }
+
+    fn ring_addr(&self, desc: u64, avail: u64, used: u64) -> u64 {
+        let addr = VringAddr {
+            index: 0,
+            flags: 0,
+            desc_user_addr: VA + desc,
+            used_user_addr: VA + used,
+            avail_user_addr: VA + avail,
+            log_guest_addr: 0,
+        };
+        self.acked(Request::SetVringAddr, &addr.encode(), &[])
+    }
+}
+
+fn memfd(size: u64) -> File {
+    let name = CString::new("hostile-ram").unwrap();
+    // SAFETY: a valid NUL-terminated name; memfd_create has no other inputs.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: the fd was just created and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).unwrap();
+    file
+}
+
+/// A blocking eventfd (what a peer that cleared O_NONBLOCK on the shared description leaves).
+fn blocking_eventfd(initial: u64) -> OwnedFd {
+    // SAFETY: eventfd with integer arguments; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: just created, owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if initial > 0 {
+        let bytes = initial.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to an fd we own.
+        let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), 8) };
+        assert_eq!(n, 8);
+    }
+    fd
+}
+
+fn clear_nonblock(fd: &OwnedFd) {
+    // SAFETY: fcntl with integer arguments on an fd we own.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    assert!(flags >= 0);
+    // SAFETY: as above.
+    assert!(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } >= 0);
+}
+
+fn read_u16(ram: &File, at: u64) -> u16 {
+    let mut b = [0u8; 2];
+    ram.read_exact_at(&mut b, at).unwrap();
+    u16::from_le_bytes(b)
+}
+
+#[test]
+fn a_silent_client_is_dropped_and_the_next_frontend_served() {
+    let dir = TempDir::new("hostile-silent");
+    let socket = dir.path("blk.sock");
+    let (mut g, pid) = backend(&dir, &socket);
+    let baseline = fd_count(pid);
+    // Connects and says nothing: dropped after the handshake timeout (10 s).
+    let silent = UnixStream::connect(&socket).unwrap();
+    silent.set_read_timeout(Some(T)).unwrap();
+    let mut byte = [0u8; 1];
+    match std::io::Read::read(&mut &silent, &mut byte) {
+        Ok(0) => {}
+        other => panic!("the silent client was not dropped: {other:?}\n{}", g.log()),
+    }
+    assert!(
+        g.log().contains("did not complete the handshake"),
+        "{}",
+        g.log()
+    );
+    drop(silent);
+    assert_backend_recovers(&mut g, pid, baseline, &socket);
+}
+
+/// The peer clears O_NONBLOCK on its call and err eventfds (the open file description is shared
+/// with the backend) and fills their counters: a completion (call fd, I/O thread), a ring that
+/// cannot start (err fd, session thread) and stopping the ring must all go on.
+#[test]
+fn full_eventfds_on_a_shared_description_do_not_wedge_the_backend() {
+    let dir = TempDir::new("hostile-eventfd");
+    let socket = dir.path("blk.sock");
+    let (mut g, pid) = backend(&dir, &socket);
+    let baseline = fd_count(pid);
+    {
+        let fe = Raw::connect(&socket);
+        fe.handshake();
+        let ram = memfd(RAM);
+        let table = MemoryTable {
+            regions: vec![MemoryRegion {
+                guest_phys_addr: 0,
+                memory_size: RAM,
+                userspace_addr: VA,
+                mmap_offset: 0,
+            }],
+        };
+        assert_eq!(
+            fe.acked(Request::SetMemTable, &table.encode(), &[ram.as_fd()]),
+            0
+        );
+        // An 8-entry ring at 0x1000 with one GET_ID request (header, 20-byte id, status).
+        let (desc, avail, used) = (0x1000u64, 0x1080u64, 0x10a0u64);
+        let descriptor = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&next.to_le_bytes());
+            ram.write_all_at(&raw, desc + 16 * i).unwrap();
+        };
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&8u32.to_le_bytes()); // VIRTIO_BLK_T_GET_ID
+        ram.write_all_at(&header, 0x2000).unwrap();
+        descriptor(0, 0x2000, 16, 1, 1);
+        descriptor(1, 0x3000, 20, 2 | 1, 2);
+        descriptor(2, 0x3100, 1, 2, 0);
+        ram.write_all_at(&0xffu8.to_le_bytes(), 0x3100).unwrap();
+        ram.write_all_at(&0u16.to_le_bytes(), avail + 4).unwrap();
+        ram.write_all_at(&1u16.to_le_bytes(), avail + 2).unwrap();
+
+        assert_eq!(fe.vring(Request::SetVringNum, 0, 8), 0);
+        assert_eq!(fe.vring(Request::SetVringBase, 0, 0), 0);
+        assert_eq!(fe.ring_addr(desc, avail, used), 0);
+        let call = blocking_eventfd(0);
+        let err = blocking_eventfd(0);
+        let kick = blocking_eventfd(0);
+        assert_eq!(fe.vring_fd(Request::SetVringCall, call.as_fd()), 0);
+        assert_eq!(fe.vring_fd(Request::SetVringErr, err.as_fd()), 0);
+        // After the backend had its chance to set O_NONBLOCK: clear it, fill the counters.
+        clear_nonblock(&call);
+        clear_nonblock(&err);
+        clear_nonblock(&kick);
+        let full = FULL.to_ne_bytes();
+        for fd in [&call, &err] {
+            // SAFETY: writes 8 bytes from a live buffer to an fd we own.
+            let n = unsafe { libc::write(fd.as_raw_fd(), full.as_ptr().cast(), 8) };
+            assert_eq!(n, 8);
+        }
+        assert_eq!(fe.vring_fd(Request::SetVringKick, kick.as_fd()), 0);
+        assert_eq!(fe.vring(Request::SetVringEnable, 0, 1), 0);
+        // The request completes although its call fd cannot take the interrupt.
+        let start = Instant::now();
+        while read_u16(&ram, used + 2) != 1 {
+            assert!(start.elapsed() < T, "request never completed\n{}", g.log());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut status = [0u8; 1];
+        ram.read_exact_at(&mut status, 0x3100).unwrap();
+        assert_eq!(status[0], 0, "GET_ID status OK");
+
+        // The peer drains its own kick fd while kicking: the dispatcher's read must not block.
+        for _ in 0..100 {
+            let one = 1u64.to_ne_bytes();
+            let mut buf = [0u8; 8];
+            // SAFETY: 8-byte transfers between live buffers and an fd we own.
+            unsafe {
+                libc::write(kick.as_raw_fd(), one.as_ptr().cast(), 8);
+                libc::read(kick.as_raw_fd(), buf.as_mut_ptr().cast(), 8);
+            }
+        }
+        // A descriptor table that runs past the end of memory: the ring cannot start, which
+        // the session thread reports on the (full, blocking) err fd.
+        assert_eq!(fe.ring_addr(RAM - 16, avail, used), 0);
+        // Still answering, and the ring stops (its worker is joined).
+        let reply = {
+            fe.send(
+                Request::GetVringBase,
+                &VringState { index: 0, num: 0 }.encode(),
+                &[],
+                false,
+            );
+            fe.reply(Request::GetVringBase)
+        };
+        assert_eq!(
+            VringState::decode(&reply).unwrap(),
+            VringState { index: 0, num: 1 }
+        );
+        assert_eq!(fe.get_u64(Request::GetQueueNum), 1);
+    }
+    assert_backend_recovers(&mut g, pid, baseline, &socket);
+}
+
+/// A kick "eventfd" that is a regular file named to forge a log line: refused, and the name is
+/// escaped in the backend's log.
+#[test]
+fn a_file_name_cannot_forge_a_backend_log_line() {
+    let dir = TempDir::new("hostile-log");
+    let socket = dir.path("blk.sock");
+    let (mut g, pid) = backend(&dir, &socket);
+    let baseline = fd_count(pid);
+    {
+        let fe = Raw::connect(&socket);
+        fe.handshake();
+        let forged = dir.path("kick\nERROR forged: the disk is corrupt");
+        let file = File::create(&forged).unwrap();
+        assert_ne!(fe.vring_fd(Request::SetVringKick, file.as_fd()), 0);
+        assert_eq!(fe.get_u64(Request::GetQueueNum), 1);
+    }
+    let start = Instant::now();
+    while !g.log().contains("is not an eventfd") {
+        assert!(start.elapsed() < T, "no log line about the fd\n{}", g.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = g.log();
+    assert!(
+        !log.lines().any(|l| l.starts_with("ERROR forged")),
+        "a forged line:\n{log}"
+    );
+    assert!(log.contains("kick\\nERROR forged"), "{log}");
+    assert_backend_recovers(&mut g, pid, baseline, &socket);
+}
