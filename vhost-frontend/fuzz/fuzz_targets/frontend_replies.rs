@@ -60,6 +60,11 @@ fuzz_target!(|data: &[u8]| {
     let backend = std::thread::spawn(move || fake_backend(backend_end, replies));
 
     let mut frontend = Frontend::from_stream(frontend_end, "fuzz");
+    // As `vmm run` does: every exchange has one deadline, so the receive path fuzzed is the one
+    // production runs (non-blocking recvmsg + poll for the whole message, fds included).
+    frontend
+        .set_reply_timeout(Some(std::time::Duration::from_secs(2)))
+        .expect("set_reply_timeout");
     let negotiated = frontend.negotiate(wanted_virtio, wanted_protocol);
     note_failure(&frontend, &negotiated);
     if let Ok(n) = &negotiated {
