@@ -19,7 +19,7 @@ use crate::features::{
     bit_mask, has, PROTOCOL_MQ, PROTOCOL_REPLY_ACK, VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_F_VERSION_1,
 };
-use crate::trace::{describe_message, printable, Direction};
+use crate::trace::{describe_device_message, printable, Direction};
 use crate::wire::{
     recv_message_by, send_message_by, ConfigSpace, Header, InflightDescription, MemoryRegion,
     MemoryTable, Request, U64Payload, VringAddr, VringFdIndex, VringState, WireError,
@@ -357,6 +357,8 @@ pub struct Frontend {
     reply_timeout: Option<Duration>,
     /// When the exchange in progress must be over (set by `guard`).
     deadline: Option<Instant>,
+    /// virtio device type, for naming its feature bits in the trace.
+    device_id: Option<u32>,
 }
 
 impl Frontend {
@@ -383,7 +385,14 @@ impl Frontend {
             broken: None,
             reply_timeout: None,
             deadline: None,
+            device_id: None,
         }
+    }
+
+    /// The virtio device type behind this connection (e.g. `features::VIRTIO_ID_BLOCK`), so the
+    /// trace names its own feature bits.
+    pub fn set_virtio_device_id(&mut self, device_id: u32) {
+        self.device_id = Some(device_id);
     }
 
     /// Prints one decoded line per message on stderr (`--trace-vhost`).
@@ -558,13 +567,12 @@ impl Frontend {
     }
 
     fn emit_trace(&self, direction: Direction, header: &Header, payload: &[u8], fds: usize) {
+        let line =
+            || describe_device_message(self.device_id, direction, &self.name, header, payload, fds);
         if self.trace {
-            eprintln!(
-                "{}",
-                describe_message(direction, &self.name, header, payload, fds)
-            );
+            eprintln!("{}", line());
         } else {
-            tracing::trace!(target: "vhost", "{}", describe_message(direction, &self.name, header, payload, fds));
+            tracing::trace!(target: "vhost", "{}", line());
         }
     }
 

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! vhost-user[blk0] -> SET_VRING_ADDR idx=0 desc=0x7f3a00001000 avail=0x7f3a00002000 used=0x7f3a00003000 fds=0
-//! vhost-user[blk0] <- GET_FEATURES reply features=0x175007e46 (dev-bit1 ... PROTOCOL_FEATURES VERSION_1) fds=0
+//! vhost-user[blk0] <- GET_FEATURES reply features=0x175007e46 (SIZE_MAX SEG_MAX ... PROTOCOL_FEATURES VERSION_1) fds=0
 //! ```
 //!
 //! Decoding reuses the wire decoders; a payload that does not decode is shown as such (the trace must
@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 use std::fmt::Write;
 
-use crate::features::{describe_protocol_features, describe_virtio_features};
+use crate::features::{describe_device_features, describe_protocol_features};
 use crate::wire::{
     ConfigSpace, Header, InflightDescription, MemoryTable, Request, SingleMemoryRegion, U64Payload,
     VringAddr, VringFdIndex, VringState, WireError,
@@ -45,6 +45,19 @@ pub fn describe_message(
     payload: &[u8],
     fd_count: usize,
 ) -> String {
+    describe_device_message(None, direction, peer, header, payload, fd_count)
+}
+
+/// As [`describe_message`] for a device of virtio type `device_id`: its own feature bits are
+/// named (`SEG_MAX FLUSH MQ ...` for virtio-blk) instead of shown as `dev-bitN`.
+pub fn describe_device_message(
+    device_id: Option<u32>,
+    direction: Direction,
+    peer: &str,
+    header: &Header,
+    payload: &[u8],
+    fd_count: usize,
+) -> String {
     let mut line = String::from("vhost-user");
     if !peer.is_empty() {
         let _ = write!(line, "[{}]", printable(peer));
@@ -63,8 +76,8 @@ pub fn describe_message(
         line.push_str(" need_reply");
     }
     let fields = match Request::from_code(header.request) {
-        Ok(request) if header.is_reply() => describe_reply(request, payload),
-        Ok(request) => describe_request(request, payload),
+        Ok(request) if header.is_reply() => describe_reply(device_id, request, payload),
+        Ok(request) => describe_request(device_id, request, payload),
         Err(_) => Ok(format!("size={}", payload.len())),
     };
     match fields {
@@ -81,11 +94,18 @@ pub fn describe_message(
     line
 }
 
-fn describe_request(request: Request, p: &[u8]) -> Result<String, WireError> {
+fn describe_request(
+    device_id: Option<u32>,
+    request: Request,
+    p: &[u8],
+) -> Result<String, WireError> {
     Ok(match request {
         Request::SetFeatures => {
             let f = U64Payload::decode(p)?.0;
-            format!("features={f:#x} ({})", describe_virtio_features(f))
+            format!(
+                "features={f:#x} ({})",
+                describe_device_features(device_id, f)
+            )
         }
         Request::SetProtocolFeatures => {
             let f = U64Payload::decode(p)?.0;
@@ -172,11 +192,14 @@ fn describe_request(request: Request, p: &[u8]) -> Result<String, WireError> {
     })
 }
 
-fn describe_reply(request: Request, p: &[u8]) -> Result<String, WireError> {
+fn describe_reply(device_id: Option<u32>, request: Request, p: &[u8]) -> Result<String, WireError> {
     Ok(match request {
         Request::GetFeatures => {
             let f = U64Payload::decode(p)?.0;
-            format!("features={f:#x} ({})", describe_virtio_features(f))
+            format!(
+                "features={f:#x} ({})",
+                describe_device_features(device_id, f)
+            )
         }
         Request::GetProtocolFeatures => {
             let f = U64Payload::decode(p)?.0;

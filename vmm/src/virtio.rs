@@ -145,6 +145,7 @@ fn blk_transport(
     };
     let mut frontend = Frontend::from_stream(stream, format!("blk{index}"));
     frontend.set_trace(trace);
+    frontend.set_virtio_device_id(vhost_frontend::features::VIRTIO_ID_BLOCK);
     frontend
         .set_reply_timeout(Some(REPLY_TIMEOUT))
         .map_err(|e| dev_err(chain(&e)))?;

@@ -39,10 +39,11 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 use vhost_frontend::features::{
-    bit_mask, describe_protocol_features, describe_virtio_features, has, PROTOCOL_CONFIG,
-    PROTOCOL_MQ, PROTOCOL_REPLY_ACK, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_RING_F_INDIRECT_DESC,
+    bit_mask, describe_device_features, describe_protocol_features, has, PROTOCOL_CONFIG,
+    PROTOCOL_MQ, PROTOCOL_REPLY_ACK, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_ID_BLOCK,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
-use vhost_frontend::trace::{describe_message, Direction};
+use vhost_frontend::trace::{describe_device_message, Direction};
 use vhost_frontend::wire::{
     recv_message_by, send_message_by, ConfigSpace, FrontendMessage, Header, PeerGone, Request,
     U64Payload, VringAddr, VringState, WireError, FLAG_REPLY, VERSION, VHOST_VRING_F_LOG,
@@ -325,7 +326,14 @@ impl<'a> Session<'a> {
             debug!(
                 target: "vhost",
                 "{}",
-                describe_message(Direction::ToBackend, TRACE_NAME, &header, &payload, fds.len())
+                describe_device_message(
+                    Some(VIRTIO_ID_BLOCK),
+                    Direction::ToBackend,
+                    TRACE_NAME,
+                    &header,
+                    &payload,
+                    fds.len(),
+                )
             );
             let message = match FrontendMessage::decode(&header, &payload, fds) {
                 Ok(message) => message,
@@ -510,12 +518,12 @@ impl<'a> Session<'a> {
         if features & !offered != 0 {
             return Err(Failure::Breach(format!(
                 "acks feature bits that were not offered: {}",
-                describe_virtio_features(features & !offered)
+                describe_device_features(Some(VIRTIO_ID_BLOCK), features & !offered)
             )));
         }
         info!(
             "virtio features acked: {}",
-            describe_virtio_features(features)
+            describe_device_features(Some(VIRTIO_ID_BLOCK), features)
         );
         self.acked_features = features;
         Ok(Reply::Ack)
@@ -655,7 +663,14 @@ fn trace_reply(header: &Header, payload: &[u8]) {
     debug!(
         target: "vhost",
         "{}",
-        describe_message(Direction::FromBackend, TRACE_NAME, header, payload, 0)
+        describe_device_message(
+            Some(VIRTIO_ID_BLOCK),
+            Direction::FromBackend,
+            TRACE_NAME,
+            header,
+            payload,
+            0,
+        )
     );
 }
 

@@ -261,7 +261,7 @@ impl VhostUserDevice {
 
         info!(
             device_type = kind.device_type,
-            features = %features::describe_virtio_features(negotiated.backend_features),
+            features = %features::describe_device_features(Some(kind.device_type), negotiated.backend_features),
             protocol = %features::describe_protocol_features(protocol_features),
             queues = options.num_queues,
             "vhost-user device: backend negotiated"
