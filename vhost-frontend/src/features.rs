@@ -237,7 +237,9 @@ mod tests {
         // qemu-storage-daemon's offer again: with the device type known, no dev-bit is left.
         let text = describe_device_features(Some(VIRTIO_ID_BLOCK), 0x1_7500_7e46);
         assert!(
-            text.starts_with("SIZE_MAX SEG_MAX BLK_SIZE FLUSH TOPOLOGY CONFIG_WCE MQ DISCARD WRITE_ZEROES"),
+            text.starts_with(
+                "SIZE_MAX SEG_MAX BLK_SIZE FLUSH TOPOLOGY CONFIG_WCE MQ DISCARD WRITE_ZEROES"
+            ),
             "{text}"
         );
         assert!(!text.contains("dev-bit"), "{text}");

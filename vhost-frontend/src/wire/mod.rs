@@ -14,12 +14,15 @@
 //!
 //! This module and its children `payload` and `message` do no I/O: they turn bytes into typed values
 //! (with exact-size and range checks) and back, so the backend, the frontend and the fuzz targets share
-//! them. [`socket`] moves the bytes and fds over a `UnixStream`.
+//! them. [`inflight`] is the layout of the shared inflight region (GET/SET_INFLIGHT_FD) and a
+//! checked, read-only view of it. [`socket`] moves the bytes and fds over a `UnixStream`.
 
+pub mod inflight;
 mod message;
 mod payload;
 pub mod socket;
 
+pub use inflight::{InflightError, InflightLayout, InflightRegion, PackedInflightRegion};
 pub use message::FrontendMessage;
 pub use payload::{
     ConfigSpace, InflightDescription, MemoryRegion, MemoryTable, SingleMemoryRegion, U64Payload,
