@@ -127,6 +127,13 @@ pub struct Negotiated {
 /// The requests a vhost-user frontend sends. Every `set_*` waits for the backend's ack when REPLY_ACK
 /// was negotiated, so an error is reported on the message that caused it.
 pub trait VhostUserFrontend {
+    /// Bounds a whole sequence of exchanges (starting or stopping a device: hundreds of them):
+    /// until it is cleared with `None`, every exchange must also end by `deadline`, besides its
+    /// own reply timeout. Without it a backend answering each message just in time could hold
+    /// the caller (a vCPU thread at DRIVER_OK) for as long as it likes. Default: no bound.
+    fn set_sequence_deadline(&mut self, deadline: Option<Instant>) {
+        let _ = deadline;
+    }
     /// SET_OWNER: this connection now owns the backend's device (sent once, at start).
     fn set_owner(&mut self) -> Result<(), FrontendError>;
     /// GET_FEATURES: virtio feature bits the backend offers (plus PROTOCOL_FEATURES).
@@ -359,6 +366,8 @@ pub struct Frontend {
     deadline: Option<Instant>,
     /// virtio device type, for naming its feature bits in the trace.
     device_id: Option<u32>,
+    /// The end of the sequence of exchanges in progress (`set_sequence_deadline`).
+    sequence_deadline: Option<Instant>,
 }
 
 impl Frontend {
@@ -386,6 +395,7 @@ impl Frontend {
             reply_timeout: None,
             deadline: None,
             device_id: None,
+            sequence_deadline: None,
         }
     }
 
@@ -556,8 +566,12 @@ impl Frontend {
         exchange: impl FnOnce(&mut Self) -> Result<T, FrontendError>,
     ) -> Result<T, FrontendError> {
         self.check_usable(message)?;
-        // One deadline for the request and its whole reply.
-        self.deadline = self.reply_timeout.map(|t| Instant::now() + t);
+        // One deadline for the request and its whole reply, and never past the sequence's.
+        let own = self.reply_timeout.map(|t| Instant::now() + t);
+        self.deadline = match (own, self.sequence_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let result = exchange(self);
         self.deadline = None;
         if let Err(err) = &result {
@@ -598,6 +612,10 @@ fn invalid(message: &'static str, detail: impl Into<String>) -> FrontendError {
 }
 
 impl VhostUserFrontend for Frontend {
+    fn set_sequence_deadline(&mut self, deadline: Option<Instant>) {
+        self.sequence_deadline = deadline;
+    }
+
     fn set_owner(&mut self) -> Result<(), FrontendError> {
         self.request_ack(Request::SetOwner, &[], &[])
     }

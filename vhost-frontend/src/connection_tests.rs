@@ -9,6 +9,7 @@ use crate::wire::{recv_message, send_message, FrontendMessage, PeerGone as WireP
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 const OFFERED: u64 = 1 << VIRTIO_F_VERSION_1
     | 1 << VHOST_USER_F_PROTOCOL_FEATURES
@@ -540,6 +541,44 @@ fn a_trickled_reply_times_out_as_a_whole() {
             !backend.join().unwrap(),
             "the whole trickled reply was sent"
         );
+    });
+}
+
+/// A backend that answers every message just inside the reply timeout cannot stretch a
+/// sequence (a device start) past its deadline: the exchange that would cross it times out.
+#[test]
+fn a_sequence_deadline_bounds_many_timely_replies() {
+    no_fd_leak(|| {
+        let (mut frontend, backend) = with_backend(|stream| {
+            let mut answered = 0u32;
+            while recv_message(&stream).is_ok() {
+                std::thread::sleep(Duration::from_millis(150));
+                let mut bytes = Header::for_reply(Request::GetFeatures, 8).to_bytes();
+                bytes.extend_from_slice(&U64Payload(OFFERED).encode());
+                if (&stream).write_all(&bytes).is_err() {
+                    break;
+                }
+                answered += 1;
+            }
+            answered
+        });
+        frontend
+            .set_reply_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        frontend.set_sequence_deadline(Some(Instant::now() + Duration::from_millis(500)));
+        let mut ok = 0;
+        let err = loop {
+            match frontend.get_features() {
+                Ok(_) => ok += 1,
+                Err(e) => break e,
+            }
+            assert!(ok < 10, "the sequence deadline was never enforced");
+        };
+        assert!(matches!(err, FrontendError::TimedOut { .. }), "{err:?}");
+        // Each reply alone was well inside the 2 s reply timeout.
+        assert!((1..=3).contains(&ok), "{ok} replies before the deadline");
+        drop(frontend);
+        assert!(backend.join().unwrap() >= ok);
     });
 }
 

@@ -21,6 +21,7 @@ mod memory_table;
 mod tests;
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 use vhost_frontend::connection::{FrontendError, MemoryRegionFd, VhostUserFrontend};
@@ -82,6 +83,12 @@ impl DeviceKind {
         seg_max_config_offset: Some(12),
     };
 }
+
+/// The longest a whole control sequence may take: the start-up handshake, a device start at
+/// DRIVER_OK (up to hundreds of messages) or a stop at reset. Each exchange also has its own
+/// reply timeout; this bounds their sum, so a backend answering every message just in time
+/// cannot hold a vCPU thread for long.
+pub const CONTROL_SEQUENCE_BUDGET: Duration = Duration::from_secs(30);
 
 /// Choices the VMM makes for the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,6 +214,8 @@ impl VhostUserDevice {
             )));
         }
 
+        // Cleared before `Ok`; on an error the frontend is dropped with the device.
+        frontend.set_sequence_deadline(Some(Instant::now() + CONTROL_SEQUENCE_BUDGET));
         // The shared handshake (vhost_frontend): GET_FEATURES (VERSION_1 and PROTOCOL_FEATURES
         // required), GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES (offered AND wanted: setting a
         // bit the backend did not offer makes some backends hang up), SET_OWNER, GET_QUEUE_NUM.
@@ -266,6 +275,7 @@ impl VhostUserDevice {
             queues = options.num_queues,
             "vhost-user device: backend negotiated"
         );
+        frontend.set_sequence_deadline(None);
         Ok(VhostUserDevice {
             frontend,
             kind,
@@ -551,12 +561,19 @@ impl VirtioDevice for VhostUserDevice {
         queue_kicks: &[EventFd],
         call: &EventFd,
     ) -> Result<(), DeviceError> {
-        self.start(acked_features, queues, queue_kicks, call)
-            .map_err(Into::into)
+        self.frontend
+            .set_sequence_deadline(Some(Instant::now() + CONTROL_SEQUENCE_BUDGET));
+        let result = self.start(acked_features, queues, queue_kicks, call);
+        self.frontend.set_sequence_deadline(None);
+        result.map_err(Into::into)
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {
-        self.stop().map_err(Into::into)
+        self.frontend
+            .set_sequence_deadline(Some(Instant::now() + CONTROL_SEQUENCE_BUDGET));
+        let result = self.stop();
+        self.frontend.set_sequence_deadline(None);
+        result.map_err(Into::into)
     }
 }
 

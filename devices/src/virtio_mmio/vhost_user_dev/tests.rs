@@ -115,6 +115,10 @@ struct Backend {
     vring_bases: VecDeque<u32>,
     fail_on: Option<(&'static str, Failure)>,
     sent: Vec<Sent>,
+    /// The sequence deadline the device set (`set_sequence_deadline`), and for each message
+    /// sent, the deadline in force then.
+    sequence_deadline: Option<std::time::Instant>,
+    deadlines: Vec<Option<std::time::Instant>>,
 }
 
 impl Default for Backend {
@@ -127,6 +131,8 @@ impl Default for Backend {
             vring_bases: VecDeque::new(),
             fail_on: None,
             sent: Vec::new(),
+            sequence_deadline: None,
+            deadlines: Vec::new(),
         }
     }
 }
@@ -139,6 +145,8 @@ impl FakeFrontend {
         let mut backend = self.0.lock().unwrap();
         let name = sent.name();
         backend.sent.push(sent);
+        let deadline = backend.sequence_deadline;
+        backend.deadlines.push(deadline);
         match backend.fail_on {
             Some((failing, how)) if failing == name => Err(fake_error(name, how)),
             _ => Ok(()),
@@ -161,6 +169,9 @@ fn fake_error(during: &'static str, how: Failure) -> FrontendError {
 }
 
 impl VhostUserFrontend for FakeFrontend {
+    fn set_sequence_deadline(&mut self, deadline: Option<std::time::Instant>) {
+        self.0.lock().unwrap().sequence_deadline = deadline;
+    }
     fn set_owner(&mut self) -> Result<(), FrontendError> {
         self.record(Sent::SetOwner)
     }
@@ -482,6 +493,36 @@ fn handshake_failures_tell_gone_from_broken() {
             ..
         })
     ));
+}
+
+/// The handshake, a device start and a stop each run under one overall deadline
+/// (CONTROL_SEQUENCE_BUDGET), cleared when they end.
+#[test]
+fn every_control_sequence_has_one_deadline_and_clears_it() {
+    let before = std::time::Instant::now();
+    let (mut device, backend, _file) = device();
+    let check = |what: &str| {
+        let mut b = backend.lock().unwrap();
+        assert!(!b.deadlines.is_empty(), "{what}: nothing sent");
+        let first = b.deadlines[0].unwrap_or_else(|| panic!("{what}: no deadline"));
+        assert!(
+            b.deadlines.iter().all(|d| *d == Some(first)),
+            "{what}: one deadline for the whole sequence"
+        );
+        assert!(first <= std::time::Instant::now() + super::CONTROL_SEQUENCE_BUDGET);
+        assert!(first >= before + super::CONTROL_SEQUENCE_BUDGET);
+        assert_eq!(b.sequence_deadline, None, "{what}: cleared afterwards");
+        b.deadlines.clear();
+    };
+    check("handshake");
+    let (kicks, call) = eventfds(2);
+    device
+        .activate(VERSION_1, &[queue(0, 0x1_0000)], &kicks, &call)
+        .unwrap();
+    check("start");
+    backend.lock().unwrap().vring_bases = VecDeque::from([3]);
+    device.reset().unwrap();
+    check("stop");
 }
 
 #[test]
