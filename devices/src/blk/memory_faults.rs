@@ -29,7 +29,7 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{compiler_fence, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Once, OnceLock};
+use std::sync::OnceLock;
 
 /// Mappings guarded at once in this process: 8 regions for each of many sessions and devices.
 pub const MAX_GUARDED_RANGES: usize = 256;
@@ -64,7 +64,7 @@ const EMPTY_SLOT: Slot = Slot {
 
 static SLOTS: [Slot; MAX_GUARDED_RANGES] = [EMPTY_SLOT; MAX_GUARDED_RANGES];
 static PAGE_SIZE: AtomicUsize = AtomicUsize::new(4096);
-static INSTALL: Once = Once::new();
+static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
 /// The SIGBUS action before ours, to hand foreign faults on to.
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
@@ -169,8 +169,8 @@ impl Drop for FaultGuard {
 }
 
 fn install() -> Result<(), FaultGuardError> {
-    let mut result = Ok(());
-    INSTALL.call_once(|| {
+    // The outcome of the one attempt (an errno on failure), seen by every later caller too.
+    let outcome = INSTALLED.get_or_init(|| {
         // SAFETY: sysconf reads a constant.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         if let Ok(p) = usize::try_from(page) {
@@ -187,38 +187,36 @@ fn install() -> Result<(), FaultGuardError> {
             libc::sigemptyset(&mut action.sa_mask);
             let mut old: libc::sigaction = std::mem::zeroed();
             if libc::sigaction(libc::SIGBUS, &action, &mut old) != 0 {
-                result = Err(FaultGuardError::Install(std::io::Error::last_os_error()));
-                return;
+                return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
             }
             let _ = PREVIOUS.set(old);
         }
+        Ok(())
     });
-    if INSTALL.is_completed() && PREVIOUS.get().is_none() && result.is_ok() {
-        // An earlier attempt failed to install; say so again rather than guard nothing.
-        return Err(FaultGuardError::Install(std::io::Error::other(
-            "an earlier sigaction(SIGBUS) failed",
-        )));
+    outcome.map_err(|errno| FaultGuardError::Install(std::io::Error::from_raw_os_error(errno)))
+}
+
+/// Takes `slot` for the handler if it is in service, waiting out another thread's handler
+/// (which holds it for a few instructions). False if the slot is free or being changed.
+fn acquire_for_handler(slot: &Slot) -> bool {
+    loop {
+        match slot
+            .state
+            .compare_exchange(ACTIVE, IN_HANDLER, Ordering::Acquire, Ordering::Relaxed)
+        {
+            Ok(_) => return true,
+            Err(IN_HANDLER) => std::hint::spin_loop(),
+            Err(_) => return false,
+        }
     }
-    result
 }
 
 /// Repairs the page if `addr` lies in a guarded range; false if it is not ours.
 fn repair(addr: usize) -> bool {
     for slot in SLOTS.iter() {
-        loop {
-            match slot.state.compare_exchange(
-                ACTIVE,
-                IN_HANDLER,
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => break,
-                // Another thread's handler holds it for a few instructions.
-                Err(IN_HANDLER) => std::hint::spin_loop(),
-                Err(_) => break,
-            }
-        }
-        if slot.state.load(Ordering::Relaxed) != IN_HANDLER {
+        // Ownership comes from our own compare-exchange: a later load could see IN_HANDLER set
+        // by another thread's handler and take a slot that is not ours.
+        if !acquire_for_handler(slot) {
             continue;
         }
         let start = slot.start.load(Ordering::Relaxed);
