@@ -126,6 +126,7 @@ impl Vm {
         )?;
 
         let bus = Arc::new(std::mem::take(&mut devices.bus));
+        let supported_cpuid = crate::cpu_model::supported_cpuid(&kvm)?;
         let mut vcpus = Vec::new();
         for id in 0..cfg.cpus {
             let fd = vm
@@ -134,6 +135,7 @@ impl Vm {
             crate::cpu_model::configure(
                 &kvm,
                 &fd,
+                &supported_cpuid,
                 crate::cpu_model::VcpuTopology {
                     id,
                     count: cfg.cpus,

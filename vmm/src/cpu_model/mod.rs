@@ -199,12 +199,17 @@ pub fn supported_cpuid(kvm: &Kvm) -> Result<Vec<kvm_cpuid_entry2>, CpuModelError
         .map_err(|e| CpuModelError::Kvm("KVM_GET_SUPPORTED_CPUID", e))
 }
 
-/// Builds vCPU `topo.id`'s model and gives it to KVM: CPUID first, then the MSRs (every one
-/// must be taken; a refusal is an error naming the MSR).
-pub fn configure(kvm: &Kvm, vcpu: &VcpuFd, topo: VcpuTopology) -> Result<CpuModel, CpuModelError> {
-    let supported = supported_cpuid(kvm)?;
-    let caps = probe_host_caps(kvm, vcpu, Vendor::of(&supported))?;
-    let model = build(&supported, topo, caps);
+/// Builds vCPU `topo.id`'s model from `supported` (KVM_GET_SUPPORTED_CPUID, fetched once per
+/// VM) and gives it to KVM: CPUID first, then the MSRs (every one must be taken; a refusal is
+/// an error naming the MSR).
+pub fn configure(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    supported: &[kvm_cpuid_entry2],
+    topo: VcpuTopology,
+) -> Result<CpuModel, CpuModelError> {
+    let caps = probe_host_caps(kvm, vcpu, Vendor::of(supported))?;
+    let model = build(supported, topo, caps);
     let cpuid = CpuId::from_entries(&model.cpuid)
         .map_err(|_| CpuModelError::TooManyEntries(model.cpuid.len()))?;
     vcpu.set_cpuid2(&cpuid)
