@@ -148,6 +148,25 @@ pub fn vmm_run(args: &[&str], timeout: Duration) -> Outcome {
     run_with_timeout(&mut c, timeout)
 }
 
+/// The test guest under `vmm run` with `cmdline` and one virtio-blk device served by whatever
+/// listens on `socket`.
+pub fn run_guest_with_blk_socket(socket: &Path, cmdline: &str, timeout: Duration) -> Outcome {
+    require_kvm();
+    let kernel = guest_elf();
+    let blk = format!("socket={}", socket.display());
+    vmm_run(
+        &[
+            "--kernel",
+            kernel.to_str().expect("guest path is UTF-8"),
+            "--cmdline",
+            cmdline,
+            "--blk",
+            &blk,
+        ],
+        timeout,
+    )
+}
+
 /// Runs a command, streaming its stdout line by line to `watch`, until `watch` returns true
 /// (then the process is killed) or the timeout passes. Returns the lines seen and whether
 /// `watch` was satisfied.

@@ -30,7 +30,8 @@ fn model(cpus: u32) -> HashMap<(u32, u32), (Regs, bool)> {
     let hex = |s: &str| u32::from_str_radix(s.trim_start_matches("0x"), 16).unwrap();
     let mut m = HashMap::new();
     for line in o.stdout.lines().filter(|l| !l.starts_with('#')) {
-        let f: Vec<&str> = line[2..].split_whitespace().collect();
+        // Each entry line is a one-character change mark and a space, then the entry.
+        let f: Vec<&str> = line.get(2..).unwrap_or("").split_whitespace().collect();
         if f.len() < 7 || !f[0].starts_with("0x") {
             continue;
         }

@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use integration_tests::{full_backlog_listener, guest_elf, require_kvm, vmm_run, Outcome, TempDir};
+use integration_tests::{
+    full_backlog_listener, require_kvm, run_guest_with_blk_socket, Outcome, TempDir,
+};
 
 // Request codes (vhost-user spec, "Front-end message types").
 const GET_FEATURES: u32 = 1;
@@ -316,19 +318,7 @@ fn run_against_with(fault: Fault, cmdline: &str) -> (Outcome, Session) {
     let dir = TempDir::new("hostile");
     let socket: PathBuf = dir.path("fake.sock");
     let fake = spawn_fake_backend(&socket, fault);
-    let k = guest_elf();
-    let blk = format!("socket={}", socket.display());
-    let o = vmm_run(
-        &[
-            "--kernel",
-            k.to_str().unwrap(),
-            "--cmdline",
-            cmdline,
-            "--blk",
-            &blk,
-        ],
-        Duration::from_secs(40),
-    );
+    let o = run_guest_with_blk_socket(&socket, cmdline, Duration::from_secs(40));
     let session = fake.join().expect("fake backend thread");
     (o, session)
 }
@@ -505,19 +495,7 @@ fn backend_that_never_accepts_is_given_up_on() {
     let dir = TempDir::new("hostile");
     let socket = dir.path("full.sock");
     let (_listener, _clients) = full_backlog_listener(&socket);
-    let k = guest_elf();
-    let blk = format!("socket={}", socket.display());
-    let o = vmm_run(
-        &[
-            "--kernel",
-            k.to_str().unwrap(),
-            "--cmdline",
-            "hello",
-            "--blk",
-            &blk,
-        ],
-        Duration::from_secs(30),
-    );
+    let o = run_guest_with_blk_socket(&socket, "hello", Duration::from_secs(30));
     assert_clean_failure(
         &o,
         &[

@@ -12,9 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration_tests::{
-    guest_elf, require_kvm, vmm_bin, vmm_run, zero_image, ChildGuard, TempDir,
-};
+use integration_tests::{run_guest_with_blk_socket, vmm_bin, zero_image, ChildGuard, TempDir};
 use vhost_frontend::wire::{
     recv_message, send_message, Header, MemoryRegion, MemoryTable, Request, U64Payload, VringAddr,
     VringFdIndex, VringState,
@@ -62,18 +60,9 @@ fn assert_backend_recovers(g: &mut ChildGuard, pid: u32, baseline: usize, socket
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    require_kvm();
-    let k = guest_elf();
-    let blk = format!("socket={}", socket.display());
-    let o = vmm_run(
-        &[
-            "--kernel",
-            k.to_str().unwrap(),
-            "--cmdline",
-            "blk-write-verify blocks=16 start=0 seed=7 disk=0",
-            "--blk",
-            &blk,
-        ],
+    let o = run_guest_with_blk_socket(
+        socket,
+        "blk-write-verify blocks=16 start=0 seed=7 disk=0",
         T,
     );
     assert!(
@@ -215,6 +204,19 @@ fn clear_nonblock(fd: &OwnedFd) {
     assert!(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } >= 0);
 }
 
+const VIRTQ_DESC_F_NEXT: u16 = 1;
+const VIRTQ_DESC_F_WRITE: u16 = 2;
+
+/// Descriptor `i` of the split-ring descriptor table at `table`, as a driver writes it.
+fn write_descriptor(ram: &File, table: u64, i: u64, addr: u64, len: u32, flags: u16, next: u16) {
+    let mut raw = [0u8; 16];
+    raw[0..8].copy_from_slice(&addr.to_le_bytes());
+    raw[8..12].copy_from_slice(&len.to_le_bytes());
+    raw[12..14].copy_from_slice(&flags.to_le_bytes());
+    raw[14..16].copy_from_slice(&next.to_le_bytes());
+    ram.write_all_at(&raw, table + 16 * i).unwrap();
+}
+
 fn read_u16(ram: &File, at: u64) -> u16 {
     let mut b = [0u8; 2];
     ram.read_exact_at(&mut b, at).unwrap();
@@ -271,20 +273,13 @@ fn full_eventfds_on_a_shared_description_do_not_wedge_the_backend() {
         );
         // An 8-entry ring at 0x1000 with one GET_ID request (header, 20-byte id, status).
         let (desc, avail, used) = (0x1000u64, 0x1080u64, 0x10a0u64);
-        let descriptor = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
-            let mut raw = [0u8; 16];
-            raw[0..8].copy_from_slice(&addr.to_le_bytes());
-            raw[8..12].copy_from_slice(&len.to_le_bytes());
-            raw[12..14].copy_from_slice(&flags.to_le_bytes());
-            raw[14..16].copy_from_slice(&next.to_le_bytes());
-            ram.write_all_at(&raw, desc + 16 * i).unwrap();
-        };
         let mut header = [0u8; 16];
         header[0..4].copy_from_slice(&8u32.to_le_bytes()); // VIRTIO_BLK_T_GET_ID
         ram.write_all_at(&header, 0x2000).unwrap();
-        descriptor(0, 0x2000, 16, 1, 1);
-        descriptor(1, 0x3000, 20, 2 | 1, 2);
-        descriptor(2, 0x3100, 1, 2, 0);
+        write_descriptor(&ram, desc, 0, 0x2000, 16, VIRTQ_DESC_F_NEXT, 1);
+        let writable_next = VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT;
+        write_descriptor(&ram, desc, 1, 0x3000, 20, writable_next, 2);
+        write_descriptor(&ram, desc, 2, 0x3100, 1, VIRTQ_DESC_F_WRITE, 0);
         ram.write_all_at(&0xffu8.to_le_bytes(), 0x3100).unwrap();
         ram.write_all_at(&0u16.to_le_bytes(), avail + 4).unwrap();
         ram.write_all_at(&1u16.to_le_bytes(), avail + 2).unwrap();
@@ -385,4 +380,105 @@ fn a_file_name_cannot_forge_a_backend_log_line() {
     );
     assert!(log.contains("kick\\nERROR forged"), "{log}");
     assert_backend_recovers(&mut g, pid, baseline, &socket);
+}
+
+/// A frontend shrinks its (unsealed, like QEMU's) memory fd after SET_MEM_TABLE, then publishes
+/// a write and kicks. Before the `memory_faults` guard the backend died of SIGBUS (exit 135);
+/// now the write fails without reaching the disk, the session is closed, and the next frontend
+/// is served.
+#[test]
+fn a_memory_fd_shrunk_under_the_session_cannot_kill_the_backend() {
+    /// The block the hostile write aims at: 0xee before, and after.
+    const TARGET_BLOCK: u64 = 100;
+    let dir = TempDir::new("hostile-shrink");
+    let socket = dir.path("blk.sock");
+    let (mut g, pid) = backend(&dir, &socket);
+    let image = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.path("disk.img"))
+        .unwrap();
+    image
+        .write_all_at(&[0xee; 4096], TARGET_BLOCK * 4096)
+        .unwrap();
+    let target_untouched = || {
+        let mut block = vec![0u8; 4096];
+        image
+            .read_exact_at(&mut block, TARGET_BLOCK * 4096)
+            .unwrap();
+        block.iter().all(|b| *b == 0xee)
+    };
+    let baseline = fd_count(pid);
+    {
+        let fe = Raw::connect(&socket);
+        fe.handshake();
+        let ram = memfd(RAM);
+        let (desc, avail, used) = (0x1000u64, 0x1080u64, 0x10a0u64);
+        // The data page lies beyond the end the fd will shrink to; rings and header do not.
+        let (header_at, status_at, data_at, shrunk) = (0x2000, 0x3100, 0xc_0000, 0x8_0000);
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&1u32.to_le_bytes()); // VIRTIO_BLK_T_OUT
+        header[8..16].copy_from_slice(&(TARGET_BLOCK * 8).to_le_bytes()); // sector
+        ram.write_all_at(&header, header_at).unwrap();
+        ram.write_all_at(&[0x5a; 4096], data_at).unwrap();
+        write_descriptor(&ram, desc, 0, header_at, 16, VIRTQ_DESC_F_NEXT, 1);
+        write_descriptor(&ram, desc, 1, data_at, 4096, VIRTQ_DESC_F_NEXT, 2);
+        write_descriptor(&ram, desc, 2, status_at, 1, VIRTQ_DESC_F_WRITE, 0);
+        let table = MemoryTable {
+            regions: vec![MemoryRegion {
+                guest_phys_addr: 0,
+                memory_size: RAM,
+                userspace_addr: VA,
+                mmap_offset: 0,
+            }],
+        };
+        assert_eq!(
+            fe.acked(Request::SetMemTable, &table.encode(), &[ram.as_fd()]),
+            0
+        );
+        assert_eq!(fe.vring(Request::SetVringNum, 0, 8), 0);
+        assert_eq!(fe.vring(Request::SetVringBase, 0, 0), 0);
+        assert_eq!(fe.ring_addr(desc, avail, used), 0);
+        let kick = blocking_eventfd(0);
+        let call = blocking_eventfd(0);
+        assert_eq!(fe.vring_fd(Request::SetVringKick, kick.as_fd()), 0);
+        assert_eq!(fe.vring_fd(Request::SetVringCall, call.as_fd()), 0);
+        assert_eq!(fe.vring(Request::SetVringEnable, 0, 1), 0);
+
+        // The hostile part: the data page vanishes, then the request is published and the
+        // doorbell rings. (Published before the shrink, the running ring could serve it first.)
+        ram.set_len(shrunk).unwrap();
+        ram.write_all_at(&0u16.to_le_bytes(), avail + 4).unwrap();
+        ram.write_all_at(&1u16.to_le_bytes(), avail + 2).unwrap();
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to an fd we own.
+        let n = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), 8) };
+        assert_eq!(n, 8);
+
+        // The backend ends this session: a request finds the connection closed.
+        let start = Instant::now();
+        loop {
+            let header = Header::for_request(Request::GetQueueNum, 0, false);
+            let gone =
+                send_message(&fe.0, &header, &[], &[]).is_err() || recv_message(&fe.0).is_err();
+            if gone {
+                break;
+            }
+            assert!(
+                start.elapsed() < T,
+                "the backend kept the session of a frontend whose memory vanished; log:\n{}",
+                g.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    g.assert_running();
+    let log = g.log();
+    assert!(log.contains("shrank under the session"), "{log}");
+    assert!(
+        target_untouched(),
+        "the write from vanished memory reached the disk"
+    );
+    assert_backend_recovers(&mut g, pid, baseline, &socket);
+    assert!(target_untouched());
 }

@@ -735,6 +735,18 @@ mod tests {
     }
 
     impl Running {
+        /// A driver claiming 1000 new entries in a 128-entry ring: a broken ring.
+        fn publish_impossible_avail_idx(&self) {
+            self.mem
+                .guest()
+                .store(
+                    1000u16.to_le(),
+                    GuestAddress(self.ring.rings.avail_ring.0 + 2),
+                    std::sync::atomic::Ordering::Release,
+                )
+                .unwrap();
+        }
+
         fn start(&self, next_avail: u16) -> Result<QueueWorker, QueueError> {
             QueueWorker::start(
                 QueueSetup {
@@ -901,14 +913,7 @@ mod tests {
         let r = setup();
         let worker = r.start(0).unwrap();
         // The driver claims 1000 new entries in a 128-entry ring.
-        r.mem
-            .guest()
-            .store(
-                1000u16.to_le(),
-                GuestAddress(r.ring.rings.avail_ring.0 + 2),
-                std::sync::atomic::Ordering::Release,
-            )
-            .unwrap();
+        r.publish_impossible_avail_idx();
         r.kick.write(1).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while r.err.read().is_err() {
@@ -966,14 +971,7 @@ mod tests {
         r.kick.write(1).unwrap();
         r.ring.wait_used(r.mem.guest(), 8);
         // Then an impossible avail index: the dispatcher signals err.
-        r.mem
-            .guest()
-            .store(
-                1000u16.to_le(),
-                GuestAddress(r.ring.rings.avail_ring.0 + 2),
-                std::sync::atomic::Ordering::Release,
-            )
-            .unwrap();
+        r.publish_impossible_avail_idx();
         r.kick.write(1).unwrap();
         assert_eq!(stop_bounded(worker), 8);
         assert_eq!(
