@@ -134,6 +134,13 @@ pub trait VhostUserFrontend {
     fn set_sequence_deadline(&mut self, deadline: Option<Instant>) {
         let _ = deadline;
     }
+
+    /// The connection's socket, for an event loop to watch for hang-up (EPOLLHUP/EPOLLRDHUP)
+    /// while no exchange is under way: that is how a frontend learns, between two control
+    /// messages, that its backend died. `None` when there is nothing to watch (a fake in tests).
+    fn hangup_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
     /// SET_OWNER: this connection now owns the backend's device (sent once, at start).
     fn set_owner(&mut self) -> Result<(), FrontendError>;
     /// GET_FEATURES: virtio feature bits the backend offers (plus PROTOCOL_FEATURES).
@@ -612,6 +619,10 @@ fn invalid(message: &'static str, detail: impl Into<String>) -> FrontendError {
 }
 
 impl VhostUserFrontend for Frontend {
+    fn hangup_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.stream.as_fd())
+    }
+
     fn set_sequence_deadline(&mut self, deadline: Option<Instant>) {
         self.sequence_deadline = deadline;
     }

@@ -21,8 +21,9 @@ pub use device::{DeviceError, QueueConfig, VirtioDevice, MAX_QUEUE_SIZE};
 pub use registers::{MMIO_WINDOW_SIZE, QUEUE_NOTIFY};
 pub use transport::{MmioTransport, TransportError, VIRTIO_F_VERSION_1};
 pub use vhost_user_dev::{
-    BackendState, DeviceKind, GuestRegion, MemoryTable, MemoryTableError, StartedQueue,
-    VhostUserDevice, VhostUserDeviceError, VhostUserDeviceOptions,
+    Attempt, BackendState, Connector, DeviceKind, GuestRegion, MemoryTable, MemoryTableError,
+    ReconnectHandle, ReconnectPolicy, StartedQueue, VhostUserDevice, VhostUserDeviceError,
+    VhostUserDeviceOptions,
 };
 
 /// "error: cause: cause" on one line, for logs and for the VMM's final error message.

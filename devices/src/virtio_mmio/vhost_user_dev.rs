@@ -12,27 +12,41 @@
 //! - at reset, per started queue SET_VRING_ENABLE(0) and GET_VRING_BASE (which stops the ring);
 //!   the next start is fresh (ring base 0).
 //!
-//! The device's life is the explicit [`BackendState`]. A backend that goes away leaves the
-//! device `Disconnected` (reconnect builds on that state); one that breaks the protocol leaves
-//! it `Broken`. Either way the guest sees DEVICE_NEEDS_RESET, never a VMM crash.
+//! The device's life is the explicit [`BackendState`]; what the driver set up lives apart from
+//! it in the replay record (`link`), so a backend that goes away leaves the device
+//! `Disconnected` with everything it needs to come back (`reconnect`): the guest sees nothing
+//! but a pause. One that breaks the protocol leaves it `Broken`, one that comes back as a
+//! different device leaves it `Refused`; either way the guest sees DEVICE_NEEDS_RESET, never a
+//! VMM crash.
+//!
+//! - `handshake`: the re-runnable handshake and the backend's [`handshake::Identity`];
+//! - `link`: the connection, its state and the replay record; start and stop in QEMU's order,
+//!   with the inflight buffer (GET/SET_INFLIGHT_FD) when the backend offers INFLIGHT_SHMFD;
+//! - `reconnect`: [`Connector`], [`ReconnectPolicy`] and the event loop's [`ReconnectHandle`].
 
+mod handshake;
+mod link;
 mod memory_table;
+mod reconnect;
 #[cfg(test)]
 mod tests;
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
-use vhost_frontend::connection::{FrontendError, MemoryRegionFd, VhostUserFrontend};
+use vhost_frontend::connection::{FrontendError, VhostUserFrontend};
 use vhost_frontend::features::{
-    self, PROTOCOL_CONFIG, PROTOCOL_MQ, PROTOCOL_REPLY_ACK, VHOST_USER_F_PROTOCOL_FEATURES,
+    self, PROTOCOL_CONFIG, PROTOCOL_INFLIGHT_SHMFD, PROTOCOL_MQ, PROTOCOL_REPLY_ACK,
     VIRTIO_F_VERSION_1,
 };
-use vhost_frontend::wire::{MemoryRegion, VringAddr};
+use vhost_frontend::wire::VringAddr;
 use vmm_sys_util::eventfd::EventFd;
 
+use handshake::{handshake, Identity};
+use link::{DriverSetup, Link, RecordedQueue, ReplayRecord, RingBase};
 pub use memory_table::{GuestRegion, MemoryTable, MemoryTableError, MAX_MEMORY_REGIONS};
+pub use reconnect::{Attempt, Connector, ReconnectHandle, ReconnectPolicy};
 
 use super::device::{DeviceError, QueueConfig, VirtioDevice, MAX_QUEUE_SIZE};
 use super::error_chain;
@@ -41,9 +55,12 @@ use super::error_chain;
 /// MQ: the backend says how many queues it serves. REPLY_ACK: every set_* is confirmed, so a
 /// refused SET_MEM_TABLE or SET_VRING_ADDR fails at activation, not silently later.
 /// CONFIG: GET_CONFIG, the only way to learn the device's configuration space.
+/// INFLIGHT_SHMFD: the backend records in-flight requests in a buffer we keep, so one that is
+/// killed and restarted resubmits them (GET/SET_INFLIGHT_FD).
 const WANTED_PROTOCOL_FEATURES: u64 = features::bit_mask(PROTOCOL_MQ)
     | features::bit_mask(PROTOCOL_REPLY_ACK)
-    | features::bit_mask(PROTOCOL_CONFIG);
+    | features::bit_mask(PROTOCOL_CONFIG)
+    | features::bit_mask(PROTOCOL_INFLIGHT_SHMFD);
 
 /// What kind of virtio device the backend implements, as far as the frontend must know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,10 +130,13 @@ pub enum BackendState {
     /// The driver reset the device; the backend stopped the queues at these ring positions
     /// (`(queue, base)` from GET_VRING_BASE). The next start is fresh.
     Stopped { last_bases: Vec<(u16, u32)> },
-    /// The backend went away during `during`. Reconnect leaves this state.
+    /// The backend went away during `during`. The replay record is kept; reconnect leaves
+    /// this state.
     Disconnected { during: &'static str },
     /// The backend broke the protocol during `during`; we no longer talk to it.
     Broken { during: &'static str },
+    /// A backend came back as a different device (or its replay failed): not used again.
+    Refused { reason: String },
 }
 
 /// A queue the backend was told to serve.
@@ -166,6 +186,12 @@ pub enum VhostUserDeviceError {
     Unavailable(&'static str),
     #[error("the driver made no queue ready")]
     NoQueueReady,
+    #[error("cannot keep a handle on the {what} eventfd: {source}")]
+    EventFd {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<VhostUserDeviceError> for DeviceError {
@@ -180,23 +206,30 @@ impl From<VhostUserDeviceError> for DeviceError {
     }
 }
 
+/// What the device and the event loop's [`ReconnectHandle`] share.
+struct Shared {
+    /// For logs: `blk0`, ...
+    name: String,
+    kind: DeviceKind,
+    options: VhostUserDeviceOptions,
+    /// What the first backend showed; a returning one must show the same.
+    identity: Identity,
+    link: Mutex<Link>,
+    /// Taken only to open a new connection, never together with `link` held (connecting may
+    /// take a while; `link` is what vCPU threads wait on).
+    connector: reconnect::SharedConnector,
+    policy: ReconnectPolicy,
+}
+
 /// A virtio-mmio device served by a vhost-user backend.
 pub struct VhostUserDevice {
-    frontend: Box<dyn VhostUserFrontend + Send>,
-    kind: DeviceKind,
-    memory: MemoryTable,
-    options: VhostUserDeviceOptions,
-    /// Feature bits the backend offered (GET_FEATURES).
-    backend_features: u64,
-    /// Protocol features both sides use.
-    protocol_features: u64,
-    /// The configuration space as GET_CONFIG returned it (queue count patched).
-    config: Vec<u8>,
-    state: BackendState,
+    shared: Arc<Shared>,
 }
 
 impl VhostUserDevice {
-    /// Performs the handshake with the backend behind `frontend`.
+    /// Performs the handshake with the backend behind `frontend`. Without
+    /// [`VhostUserDevice::with_reconnect`] a backend that goes away leaves the device
+    /// disconnected for good.
     pub fn new(
         mut frontend: Box<dyn VhostUserFrontend + Send>,
         kind: DeviceKind,
@@ -216,120 +249,98 @@ impl VhostUserDevice {
 
         // Cleared before `Ok`; on an error the frontend is dropped with the device.
         frontend.set_sequence_deadline(Some(Instant::now() + CONTROL_SEQUENCE_BUDGET));
-        // The shared handshake (vhost_frontend): GET_FEATURES (VERSION_1 and PROTOCOL_FEATURES
-        // required), GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES (offered AND wanted: setting a
-        // bit the backend did not offer makes some backends hang up), SET_OWNER, GET_QUEUE_NUM.
-        let negotiated = call(
-            frontend.negotiate(kind.device_features, WANTED_PROTOCOL_FEATURES),
-            "the handshake",
-        )?;
-        let protocol_features = negotiated.protocol_features;
-        if !features::has(protocol_features, PROTOCOL_CONFIG) {
-            return Err(VhostUserDeviceError::MissingFeature(
-                "protocol feature CONFIG in its GET_PROTOCOL_FEATURES reply (needed for GET_CONFIG)",
-            ));
-        }
-        // Without MQ a backend serves one queue (the spec's default).
-        let backend_queues = negotiated.queue_num.unwrap_or(1);
-        if backend_queues < u64::from(options.num_queues) {
-            return Err(VhostUserDeviceError::TooFewQueues {
-                backend: backend_queues,
-                wanted: options.num_queues,
-            });
-        }
-
-        let mut config = call(frontend.get_config(0, kind.config_size), "GET_CONFIG")?;
-        if config.len() != kind.config_size as usize {
-            return Err(VhostUserDeviceError::ConfigSize {
-                asked: kind.config_size,
-                got: config.len(),
-            });
-        }
-        // The guest must see the queue count we expose, not the backend's maximum.
-        if let Some(offset) = kind.num_queues_config_offset {
-            if let Some(field) = config.get_mut(offset..offset + 2) {
-                field.copy_from_slice(&options.num_queues.to_le_bytes());
-            }
-        }
-        // seg_max is the backend's promise for *its* largest ring; the guest gets ours, without
-        // INDIRECT_DESC, so a request can have at most queue_size - 2 data segments (plus header
-        // and status). A larger seg_max would have the driver build chains the ring cannot hold.
-        if let Some(offset) = kind.seg_max_config_offset {
-            if let Some(field) = config.get_mut(offset..offset + 4) {
-                let limit = u32::from(options.queue_size.saturating_sub(2)).max(1);
-                let offered = u32::from_le_bytes([field[0], field[1], field[2], field[3]]);
-                if offered > limit {
-                    debug!(
-                        offered,
-                        limit, "vhost-user device: seg_max clamped to the ring"
-                    );
-                    field.copy_from_slice(&limit.to_le_bytes());
-                }
-            }
-        }
-
+        let identity = handshake(frontend.as_mut(), &kind, &options, WANTED_PROTOCOL_FEATURES)?;
         info!(
             device_type = kind.device_type,
-            features = %features::describe_device_features(Some(kind.device_type), negotiated.backend_features),
-            protocol = %features::describe_protocol_features(protocol_features),
+            features = %features::describe_device_features(Some(kind.device_type), identity.backend_features),
+            protocol = %features::describe_protocol_features(identity.protocol_features),
             queues = options.num_queues,
             "vhost-user device: backend negotiated"
         );
         frontend.set_sequence_deadline(None);
-        Ok(VhostUserDevice {
+        let link = Link {
             frontend,
-            kind,
-            memory,
-            options,
-            backend_features: negotiated.backend_features,
-            protocol_features,
-            config,
+            generation: 0,
             state: BackendState::Negotiated,
+            record: ReplayRecord::default(),
+            memory,
+            outage: None,
+        };
+        Ok(VhostUserDevice {
+            shared: Arc::new(Shared {
+                name: format!("vhost-user device {}", kind.device_type),
+                kind,
+                options,
+                identity,
+                link: Mutex::new(link),
+                connector: Mutex::new(None),
+                policy: ReconnectPolicy::Off,
+            }),
         })
     }
 
+    /// Lets the device come back from a backend that went away: `connector` opens new
+    /// connections, `policy` says when to try; the caller's event loop drives the attempts
+    /// through [`VhostUserDevice::reconnect_handle`]. `name` names the device in logs.
+    pub fn with_reconnect(
+        self,
+        name: impl Into<String>,
+        connector: Box<dyn Connector>,
+        policy: ReconnectPolicy,
+    ) -> Self {
+        let shared = match Arc::try_unwrap(self.shared) {
+            Ok(shared) => shared,
+            // Only `new` made it, and no handle has been taken yet.
+            Err(shared) => return VhostUserDevice { shared },
+        };
+        VhostUserDevice {
+            shared: Arc::new(Shared {
+                name: name.into(),
+                connector: Mutex::new(Some(connector)),
+                policy,
+                ..shared
+            }),
+        }
+    }
+
+    /// For the event loop: what to watch, and how to bring the backend back.
+    pub fn reconnect_handle(&self) -> ReconnectHandle {
+        ReconnectHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
     /// Where the conversation with the backend stands.
-    pub fn state(&self) -> &BackendState {
-        &self.state
+    pub fn state(&self) -> BackendState {
+        self.shared.lock().state.clone()
     }
 
     /// Protocol features in use with the backend.
     pub fn protocol_features(&self) -> u64 {
-        self.protocol_features
+        self.shared.identity.protocol_features
+    }
+
+    /// Whether an inflight buffer is held (GET_INFLIGHT_FD answered with one).
+    pub fn holds_inflight_buffer(&self) -> bool {
+        self.shared.lock().record.inflight.is_some()
     }
 
     /// Features offered to the guest: VERSION_1 and the device-specific bits we know, where the
     /// backend offers them. Never VHOST_USER_F_PROTOCOL_FEATURES (a vhost-user bit, not a
     /// virtio one), never ring layout bits (EVENT_IDX, PACKED: kept simple on purpose).
     fn offered_features(&self) -> u64 {
-        self.backend_features & (features::bit_mask(VIRTIO_F_VERSION_1) | self.kind.device_features)
-    }
-
-    /// Remembers how a conversation with the backend failed, and turns it into our error.
-    /// A refusal leaves the connection usable; anything else ends it.
-    fn failed(&mut self, during: &'static str, source: FrontendError) -> VhostUserDeviceError {
-        let err = classify(during, source);
-        match err {
-            VhostUserDeviceError::BackendGone { .. } => {
-                self.state = BackendState::Disconnected { during };
-                debug!(error = %error_chain(&err), "vhost-user device: backend went away");
-            }
-            VhostUserDeviceError::BackendRefused { .. } => {
-                debug!(error = %error_chain(&err), "vhost-user device: backend refused a request");
-            }
-            _ => {
-                self.state = BackendState::Broken { during };
-                debug!(error = %error_chain(&err), "vhost-user device: backend unusable");
-            }
-        }
-        err
+        self.shared.identity.backend_features
+            & (features::bit_mask(VIRTIO_F_VERSION_1) | self.shared.kind.device_features)
     }
 
     /// Ring addresses for SET_VRING_ADDR: the driver's guest physical addresses translated to
     /// the VMM's virtual addresses, each part entirely inside one region.
-    fn vring_addr(&self, queue: &QueueConfig) -> Result<VringAddr, VhostUserDeviceError> {
+    fn vring_addr(
+        memory: &MemoryTable,
+        queue: &QueueConfig,
+    ) -> Result<VringAddr, VhostUserDeviceError> {
         let translate = |what: &str, addr: u64, len: u64| {
-            self.memory
+            memory
                 .translate(addr, len)
                 .ok_or_else(|| VhostUserDeviceError::BadQueue {
                     index: queue.index,
@@ -352,6 +363,68 @@ impl VhostUserDevice {
         })
     }
 
+    /// Checks what the driver set up and keeps it, with our own handles on its eventfds.
+    fn driver_setup(
+        &self,
+        memory: &MemoryTable,
+        acked_features: u64,
+        queues: &[QueueConfig],
+        queue_kicks: &[EventFd],
+        call_fd: &EventFd,
+    ) -> Result<DriverSetup, VhostUserDeviceError> {
+        let options = &self.shared.options;
+        let mut recorded = Vec::new();
+        for queue in queues.iter().filter(|q| q.ready) {
+            let index = usize::from(queue.index);
+            if index >= usize::from(options.num_queues) || index >= queue_kicks.len() {
+                return Err(VhostUserDeviceError::BadQueue {
+                    index: queue.index,
+                    reason: "no such queue".into(),
+                });
+            }
+            if queue.size == 0 || queue.size > options.queue_size || !queue.size.is_power_of_two() {
+                return Err(VhostUserDeviceError::BadQueue {
+                    index: queue.index,
+                    reason: format!(
+                        "size {} is not a power of two up to {}",
+                        queue.size, options.queue_size
+                    ),
+                });
+            }
+            let addr = Self::vring_addr(memory, queue)?;
+            let bad_ring = || VhostUserDeviceError::BadQueue {
+                index: queue.index,
+                reason: "ring address overflows".into(),
+            };
+            recorded.push(RecordedQueue {
+                index: queue.index,
+                size: queue.size,
+                addr,
+                avail_idx_gpa: queue.avail_ring.checked_add(2).ok_or_else(bad_ring)?,
+                used_idx_gpa: queue.used_idx_addr().ok_or_else(bad_ring)?,
+                kick: queue_kicks[index].try_clone().map_err(|source| {
+                    VhostUserDeviceError::EventFd {
+                        what: "kick",
+                        source,
+                    }
+                })?,
+            });
+        }
+        if recorded.is_empty() {
+            return Err(VhostUserDeviceError::NoQueueReady);
+        }
+        Ok(DriverSetup {
+            acked_features,
+            queues: recorded,
+            call: call_fd
+                .try_clone()
+                .map_err(|source| VhostUserDeviceError::EventFd {
+                    what: "call",
+                    source,
+                })?,
+        })
+    }
+
     fn start(
         &mut self,
         acked_features: u64,
@@ -359,173 +432,93 @@ impl VhostUserDevice {
         queue_kicks: &[EventFd],
         call_fd: &EventFd,
     ) -> Result<(), VhostUserDeviceError> {
-        match &self.state {
+        let shared = Arc::clone(&self.shared);
+        let mut link = shared.lock();
+        match &link.state {
             BackendState::Negotiated | BackendState::Stopped { .. } => {}
             BackendState::Running { .. } => {
                 return Err(VhostUserDeviceError::Unavailable("already running"))
             }
-            BackendState::Disconnected { .. } => {
+            BackendState::Disconnected { .. } if shared.policy == ReconnectPolicy::Off => {
                 return Err(VhostUserDeviceError::Unavailable("disconnected"))
             }
+            BackendState::Disconnected { .. } => {}
             BackendState::Broken { .. } => return Err(VhostUserDeviceError::Unavailable("broken")),
+            BackendState::Refused { .. } => {
+                return Err(VhostUserDeviceError::Unavailable("refused"))
+            }
         }
         // Check everything the driver wrote before telling the backend anything, so a bad
         // queue leaves the backend untouched.
-        let mut to_start = Vec::new();
-        for queue in queues.iter().filter(|q| q.ready) {
-            let index = usize::from(queue.index);
-            if index >= usize::from(self.options.num_queues) || index >= queue_kicks.len() {
-                return Err(VhostUserDeviceError::BadQueue {
-                    index: queue.index,
-                    reason: "no such queue".into(),
-                });
-            }
-            if queue.size == 0
-                || queue.size > self.options.queue_size
-                || !queue.size.is_power_of_two()
-            {
-                return Err(VhostUserDeviceError::BadQueue {
-                    index: queue.index,
-                    reason: format!(
-                        "size {} is not a power of two up to {}",
-                        queue.size, self.options.queue_size
-                    ),
-                });
-            }
-            to_start.push((*queue, self.vring_addr(queue)?));
-        }
-        if to_start.is_empty() {
-            return Err(VhostUserDeviceError::NoQueueReady);
-        }
-
-        // The backend must know the features first: they decide the ring layout it expects.
-        let features = acked_features | features::bit_mask(VHOST_USER_F_PROTOCOL_FEATURES);
-        if let Err(err) = self.frontend.set_features(features) {
-            return Err(self.failed("SET_FEATURES", err));
-        }
-        let regions: Vec<MemoryRegionFd> = self
-            .memory
-            .regions()
-            .iter()
-            .map(|region| MemoryRegionFd {
-                region: MemoryRegion {
-                    guest_phys_addr: region.guest_phys_addr,
-                    memory_size: region.size,
-                    userspace_addr: region.userspace_addr,
-                    mmap_offset: region.mmap_offset,
-                },
-                fd: region.file.as_fd(),
-            })
-            .collect();
-        if let Err(err) = self.frontend.set_mem_table(&regions) {
-            return Err(self.failed("SET_MEM_TABLE", err));
-        }
-        drop(regions);
-
-        let mut started = Vec::new();
-        for (queue, addr) in to_start {
-            let kick = borrow_eventfd(&queue_kicks[usize::from(queue.index)]);
-            let result = start_queue(
-                self.frontend.as_mut(),
-                &queue,
-                &addr,
-                kick,
-                borrow_eventfd(call_fd),
+        let setup =
+            self.driver_setup(&link.memory, acked_features, queues, queue_kicks, call_fd)?;
+        if matches!(link.state, BackendState::Disconnected { .. }) {
+            // The backend is away: what the driver set up waits in the record, and the
+            // reconnect starts it. The driver sees a device that is slow to answer.
+            info!(
+                "{}: the driver started the device while its backend is away; the queues start when it is back",
+                shared.name
             );
-            if let Err((during, err)) = result {
-                let err = self.failed(during, err);
-                if matches!(err, VhostUserDeviceError::BackendRefused { .. }) {
-                    // Like QEMU: stop what already runs (this queue may be half set up), so
-                    // the backend holds no live ring of a device that failed to start.
-                    started.push(StartedQueue {
-                        index: queue.index,
-                        size: queue.size,
-                        addr,
-                    });
-                    self.state = BackendState::Running {
-                        acked_features,
-                        queues: started,
-                    };
-                    // Its own failure is logged and recorded in the state.
-                    let _ = self.stop();
-                }
-                return Err(err);
-            }
-            debug!(
-                queue = queue.index,
-                size = queue.size,
-                "vhost-user device: queue started"
-            );
-            started.push(StartedQueue {
-                index: queue.index,
-                size: queue.size,
-                addr,
-            });
+            link.record.driver = Some(setup);
+            return Ok(());
         }
-        info!(
-            device_type = self.kind.device_type,
-            queues = ?started.iter().map(|q| q.index).collect::<Vec<_>>(),
-            "vhost-user device: backend serves the queues"
+        let result = link.bring_up(
+            shared.identity.protocol_features,
+            &shared.options,
+            &setup,
+            RingBase::Zero,
         );
-        self.state = BackendState::Running {
-            acked_features,
-            queues: started,
-        };
-        Ok(())
-    }
-
-    /// A failure while stopping rings. Unlike elsewhere, a refusal does not leave the
-    /// connection usable: a backend that will not stop a ring may go on using guest memory the
-    /// driver is about to reuse, so we stop talking to it.
-    fn stop_failed(&mut self, during: &'static str, source: FrontendError) -> VhostUserDeviceError {
-        let err = self.failed(during, source);
-        if matches!(self.state, BackendState::Running { .. }) {
-            self.state = BackendState::Broken { during };
-        }
-        err
-    }
-
-    fn stop(&mut self) -> Result<(), VhostUserDeviceError> {
-        let started: Vec<u16> = match &self.state {
-            BackendState::Running { queues, .. } => queues.iter().map(|q| q.index).collect(),
-            // Nothing started (or nobody to tell): nothing to stop.
-            _ => return Ok(()),
-        };
-        let mut last_bases = Vec::new();
-        for queue in started {
-            let index = u32::from(queue);
-            // QEMU's order: stop fetching new requests first, then GET_VRING_BASE, which the
-            // backend answers once the ring is stopped, with where it stopped.
-            if let Err(err) = self.frontend.set_vring_enable(index, false) {
-                return Err(self.stop_failed("SET_VRING_ENABLE", err));
+        let queue_list: Vec<u16> = setup.queues.iter().map(|q| q.index).collect();
+        link.record.driver = Some(setup);
+        match result {
+            Ok(()) => {
+                info!(
+                    device_type = shared.kind.device_type,
+                    queues = ?queue_list,
+                    "vhost-user device: backend serves the queues"
+                );
+                Ok(())
             }
-            match self.frontend.get_vring_base(index) {
-                // A split ring's position is a 16-bit index; anything larger is not one, and
-                // must never be handed back in SET_VRING_BASE when the ring restarts.
-                Ok(base) if base <= u32::from(u16::MAX) => last_bases.push((queue, base)),
-                Ok(base) => {
-                    let err = FrontendError::Protocol {
-                        message: "GET_VRING_BASE",
-                        detail: format!("queue {queue}: base {base:#x} is not a 16-bit ring index"),
-                    };
-                    return Err(self.stop_failed("GET_VRING_BASE", err));
+            // Gone mid-start, with reconnect on: the record holds the setup, the reconnect
+            // replays it.
+            Err(e)
+                if matches!(link.state, BackendState::Disconnected { .. })
+                    && shared.policy != ReconnectPolicy::Off =>
+            {
+                info!(
+                    "{}: backend went away while the device started ({}); the queues start when it is back",
+                    shared.name,
+                    error_chain(&e)
+                );
+                Ok(())
+            }
+            Err(e) => {
+                if !matches!(link.state, BackendState::Running { .. }) {
+                    link.record.driver = None;
                 }
-                Err(err) => return Err(self.stop_failed("GET_VRING_BASE", err)),
+                Err(e)
             }
         }
-        debug!(?last_bases, "vhost-user device: queues stopped");
-        self.state = BackendState::Stopped { last_bases };
-        Ok(())
+    }
+
+    /// The driver reset the device: stop the rings the backend serves (if it is there to be
+    /// told), and forget the record: the next start is fresh, with a fresh inflight buffer.
+    fn stop(&mut self) -> Result<(), VhostUserDeviceError> {
+        let mut link = self.shared.lock();
+        let result = link.stop_rings();
+        link.record = ReplayRecord::default();
+        result
     }
 }
 
 impl VirtioDevice for VhostUserDevice {
     fn device_type(&self) -> u32 {
-        self.kind.device_type
+        self.shared.kind.device_type
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![self.options.queue_size; usize::from(self.options.num_queues)]
+        let options = &self.shared.options;
+        vec![options.queue_size; usize::from(options.num_queues)]
     }
 
     fn device_features(&self) -> u64 {
@@ -537,10 +530,11 @@ impl VirtioDevice for VhostUserDevice {
         let Ok(start) = usize::try_from(offset) else {
             return;
         };
-        if start >= self.config.len() {
+        let config = &self.shared.identity.config;
+        if start >= config.len() {
             return;
         }
-        let available = &self.config[start..];
+        let available = &config[start..];
         let len = data.len().min(available.len());
         data[..len].copy_from_slice(&available[..len]);
     }
@@ -561,60 +555,24 @@ impl VirtioDevice for VhostUserDevice {
         queue_kicks: &[EventFd],
         call: &EventFd,
     ) -> Result<(), DeviceError> {
-        self.frontend
-            .set_sequence_deadline(Some(Instant::now() + CONTROL_SEQUENCE_BUDGET));
+        self.set_sequence_deadline(Some(Instant::now() + CONTROL_SEQUENCE_BUDGET));
         let result = self.start(acked_features, queues, queue_kicks, call);
-        self.frontend.set_sequence_deadline(None);
+        self.set_sequence_deadline(None);
         result.map_err(Into::into)
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {
-        self.frontend
-            .set_sequence_deadline(Some(Instant::now() + CONTROL_SEQUENCE_BUDGET));
+        self.set_sequence_deadline(Some(Instant::now() + CONTROL_SEQUENCE_BUDGET));
         let result = self.stop();
-        self.frontend.set_sequence_deadline(None);
+        self.set_sequence_deadline(None);
         result.map_err(Into::into)
     }
 }
 
-/// `vmm_sys_util`'s EventFd predates `AsFd`; borrow its descriptor by hand.
-fn borrow_eventfd(eventfd: &EventFd) -> BorrowedFd<'_> {
-    // SAFETY: the EventFd keeps its descriptor open for as long as it lives, and the borrow
-    // cannot outlive the EventFd.
-    unsafe { BorrowedFd::borrow_raw(eventfd.as_raw_fd()) }
-}
-
-/// The SET_VRING_* series for one queue; on failure, which message failed.
-fn start_queue(
-    frontend: &mut dyn VhostUserFrontend,
-    queue: &QueueConfig,
-    addr: &VringAddr,
-    kick: BorrowedFd<'_>,
-    call: BorrowedFd<'_>,
-) -> Result<(), (&'static str, FrontendError)> {
-    let index = u32::from(queue.index);
-    let during = |message: &'static str| move |err| (message, err);
-    frontend
-        .set_vring_num(index, u32::from(queue.size))
-        .map_err(during("SET_VRING_NUM"))?;
-    // Base 0: a fresh ring; the driver starts its indices at 0.
-    frontend
-        .set_vring_base(index, 0)
-        .map_err(during("SET_VRING_BASE"))?;
-    frontend
-        .set_vring_addr(addr)
-        .map_err(during("SET_VRING_ADDR"))?;
-    frontend
-        .set_vring_kick(index, kick)
-        .map_err(during("SET_VRING_KICK"))?;
-    frontend
-        .set_vring_call(index, call)
-        .map_err(during("SET_VRING_CALL"))?;
-    // With PROTOCOL_FEATURES negotiated a ring starts disabled until enabled explicitly.
-    frontend
-        .set_vring_enable(index, true)
-        .map_err(during("SET_VRING_ENABLE"))?;
-    Ok(())
+impl VhostUserDevice {
+    fn set_sequence_deadline(&self, deadline: Option<Instant>) {
+        self.shared.lock().frontend.set_sequence_deadline(deadline);
+    }
 }
 
 /// Names the message in a failed handshake step.

@@ -115,6 +115,36 @@ impl MemoryTable {
         &self.regions
     }
 
+    /// Reads the little-endian u16 at guest physical `addr` (a ring index) through the region's
+    /// file, not through a mapping: the frontend needs this only when a backend reconnects (the
+    /// used ring's idx becomes the ring base), and `pread` on the shared memfd sees what the
+    /// guest and the backend stored, without any `unsafe`.
+    pub fn read_u16(&self, addr: u64) -> std::io::Result<u16> {
+        use std::os::unix::fs::FileExt;
+        let region = self
+            .regions
+            .iter()
+            .find(|r| {
+                addr >= r.guest_phys_addr
+                    && addr
+                        .checked_add(2)
+                        .is_some_and(|end| end <= r.guest_phys_addr + r.size)
+            })
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("guest address {addr:#x} is not in guest RAM"),
+                )
+            })?;
+        let mut bytes = [0u8; 2];
+        // Cannot overflow: `addr` lies in the region, whose offset + size was checked in `new`.
+        region.file.read_exact_at(
+            &mut bytes,
+            region.mmap_offset + (addr - region.guest_phys_addr),
+        )?;
+        Ok(u16::from_le_bytes(bytes))
+    }
+
     /// The VMM virtual address of guest physical `[addr, addr + len)`, which must lie inside
     /// one region (a ring split across regions would be split in the backend's view too).
     pub fn translate(&self, addr: u64, len: u64) -> Option<u64> {

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
-use vhost_frontend::connection::InflightBuffer;
+use vhost_frontend::connection::{InflightBuffer, MemoryRegionFd};
 use vhost_frontend::wire::{InflightDescription, MemoryRegion, VringAddr};
 
 use super::*;
@@ -55,13 +55,14 @@ enum Sent {
         base: u32,
     },
     SetVringAddr(VringAddr),
+    /// `eventfd`: which eventfd ([`eventfd_id`]): the device sends its own duplicates.
     SetVringKick {
         index: u32,
-        fd: RawFd,
+        eventfd: u64,
     },
     SetVringCall {
         index: u32,
-        fd: RawFd,
+        eventfd: u64,
     },
     SetVringEnable {
         index: u32,
@@ -220,13 +221,13 @@ impl VhostUserFrontend for FakeFrontend {
     fn set_vring_kick(&mut self, index: u32, fd: BorrowedFd<'_>) -> Result<(), FrontendError> {
         self.record(Sent::SetVringKick {
             index,
-            fd: fd.as_raw_fd(),
+            eventfd: eventfd_id(fd.as_raw_fd()),
         })
     }
     fn set_vring_call(&mut self, index: u32, fd: BorrowedFd<'_>) -> Result<(), FrontendError> {
         self.record(Sent::SetVringCall {
             index,
-            fd: fd.as_raw_fd(),
+            eventfd: eventfd_id(fd.as_raw_fd()),
         })
     }
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<(), FrontendError> {
@@ -315,6 +316,15 @@ fn queue(index: u16, base: u64) -> QueueConfig {
     }
 }
 
+/// Which eventfd `fd` is (the kernel's `eventfd-id` in fdinfo), the same for every duplicate.
+fn eventfd_id(fd: RawFd) -> u64 {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("eventfd-id:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or_else(|| panic!("fd {fd} is not an eventfd: {info}"))
+}
+
 fn eventfds(n: usize) -> (Vec<EventFd>, EventFd) {
     let kicks = (0..n).map(|_| EventFd::new(0).unwrap()).collect();
     (kicks, EventFd::new(0).unwrap())
@@ -338,7 +348,7 @@ fn handshake_message_sequence() {
             },
         ]
     );
-    assert_eq!(device.state(), &BackendState::Negotiated);
+    assert_eq!(device.state(), BackendState::Negotiated);
     assert_eq!(device.device_type(), 2);
     assert_eq!(device.queue_max_sizes(), vec![256, 256]);
 }
@@ -408,7 +418,8 @@ fn backend_without_protocol_features_or_config_is_refused() {
 #[test]
 fn protocol_bits_the_backend_did_not_offer_are_never_set() {
     let (result, backend, _) = device_with(Backend {
-        protocol_features: CONFIG | (1 << 12),
+        // RESET_DEVICE (13): offered, not wanted.
+        protocol_features: CONFIG | (1 << 13),
         queue_num: 1,
         ..Backend::default()
     });
@@ -560,11 +571,11 @@ fn activation_message_sequence() {
             }),
             Sent::SetVringKick {
                 index: 0,
-                fd: kicks[0].as_raw_fd()
+                eventfd: eventfd_id(kicks[0].as_raw_fd())
             },
             Sent::SetVringCall {
                 index: 0,
-                fd: call.as_raw_fd()
+                eventfd: eventfd_id(call.as_raw_fd())
             },
             Sent::SetVringEnable {
                 index: 0,
@@ -575,7 +586,7 @@ fn activation_message_sequence() {
     );
     assert_eq!(
         device.state(),
-        &BackendState::Running {
+        BackendState::Running {
             acked_features: acked,
             queues: vec![StartedQueue {
                 index: 0,
@@ -607,7 +618,7 @@ fn rings_outside_shared_memory_never_reach_the_backend() {
         "{err}"
     );
     assert_eq!(take_sent(&backend), vec![]);
-    assert_eq!(device.state(), &BackendState::Negotiated, "still usable");
+    assert_eq!(device.state(), BackendState::Negotiated, "still usable");
 
     let mut too_big = queue(0, 0x1_0000);
     too_big.size = 512;
@@ -656,7 +667,7 @@ fn reset_stops_started_queues_and_a_restart_is_fresh() {
     );
     assert_eq!(
         started.state(),
-        &BackendState::Stopped {
+        BackendState::Stopped {
             last_bases: vec![(0, 7), (1, 9)]
         }
     );
@@ -697,7 +708,7 @@ fn backend_gone_during_activation_leaves_the_device_disconnected() {
     ));
     assert_eq!(
         device.state(),
-        &BackendState::Disconnected {
+        BackendState::Disconnected {
             during: "SET_MEM_TABLE"
         }
     );
@@ -723,7 +734,7 @@ fn backend_breaking_the_protocol_at_reset_leaves_the_device_broken() {
     assert!(device.reset().is_err());
     assert_eq!(
         device.state(),
-        &BackendState::Broken {
+        BackendState::Broken {
             during: "GET_VRING_BASE"
         }
     );
@@ -740,7 +751,7 @@ fn a_backend_refusing_to_stop_a_ring_is_not_trusted_again() {
     assert!(device.reset().is_err());
     assert_eq!(
         device.state(),
-        &BackendState::Broken {
+        BackendState::Broken {
             during: "SET_VRING_ENABLE"
         }
     );
@@ -759,7 +770,7 @@ fn a_ring_base_beyond_16_bits_is_a_protocol_error() {
     assert!(text.contains("not a 16-bit ring index"), "{text}");
     assert_eq!(
         device.state(),
-        &BackendState::Broken {
+        BackendState::Broken {
             during: "GET_VRING_BASE"
         }
     );
@@ -865,11 +876,11 @@ fn driver_ok_through_the_transport_starts_the_backend() {
     );
     assert!(sent.contains(&Sent::SetVringKick {
         index: 0,
-        fd: transport.queue_kick_fds()[0].as_raw_fd()
+        eventfd: eventfd_id(transport.queue_kick_fds()[0].as_raw_fd())
     }));
     assert!(sent.contains(&Sent::SetVringCall {
         index: 0,
-        fd: transport.call_fd().as_raw_fd()
+        eventfd: eventfd_id(transport.call_fd().as_raw_fd())
     }));
     assert_eq!(transport.status() & status::DEVICE_NEEDS_RESET, 0);
 
