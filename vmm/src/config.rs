@@ -1,6 +1,9 @@
 //! Validated VM configuration: what the CLI builds and what tests may build directly.
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+pub use devices::virtio_mmio::ReconnectPolicy;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -27,8 +30,14 @@ pub enum BlkConfig {
         readonly: bool,
         queues: u16,
     },
-    /// `--blk socket=PATH[,queues=N]`: any vhost-user-blk backend listening on a unix socket.
-    Socket { path: PathBuf, queues: u16 },
+    /// `--blk socket=PATH[,queues=N][,reconnect=off|MS]`: any vhost-user-blk backend listening
+    /// on a unix socket. Once connected, a backend that goes away is reconnected per `reconnect`
+    /// (default: for ever, with backoff; `MS`: every MS milliseconds, for ever).
+    Socket {
+        path: PathBuf,
+        queues: u16,
+        reconnect: ReconnectPolicy,
+    },
 }
 
 /// Request queues a blk device may expose (the backend may serve fewer; the handshake checks).
@@ -89,13 +98,18 @@ pub fn check_cpus(n: u32) -> Result<u32, ConfigError> {
     Ok(n)
 }
 
-/// Parses one `--blk` value: `path=FILE[,readonly][,queues=N]` or `socket=PATH[,queues=N]`.
+/// Longest `reconnect=MS` interval: a typo must not mean "retry once a day".
+pub const MAX_RECONNECT_MS: u64 = 60_000;
+
+/// Parses one `--blk` value: `path=FILE[,readonly][,queues=N]` or
+/// `socket=PATH[,queues=N][,reconnect=off|MS]`.
 pub fn parse_blk(s: &str) -> Result<BlkConfig, ConfigError> {
     let bad = |why| ConfigError::BadBlk(s.to_string(), why);
     let mut path = None;
     let mut socket = None;
     let mut readonly = false;
     let mut queues = 1u16;
+    let mut reconnect = None;
     for part in s.split(',') {
         match part.split_once('=') {
             Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
@@ -104,21 +118,35 @@ pub fn parse_blk(s: &str) -> Result<BlkConfig, ConfigError> {
                 Ok(n) if (1..=MAX_BLK_QUEUES).contains(&n) => queues = n,
                 _ => return Err(bad("queues= takes a number from 1 to 64")),
             },
+            Some(("reconnect", "off")) => reconnect = Some(ReconnectPolicy::Off),
+            Some(("reconnect", v)) => match v.parse::<u64>() {
+                Ok(ms) if (1..=MAX_RECONNECT_MS).contains(&ms) => {
+                    reconnect = Some(ReconnectPolicy::every(Duration::from_millis(ms)))
+                }
+                _ => return Err(bad("reconnect= takes off or milliseconds from 1 to 60000")),
+            },
             None if part == "readonly" => readonly = true,
             _ => {
                 return Err(bad(
-                    "expected path=FILE[,readonly][,queues=N] or socket=PATH[,queues=N]",
+                    "expected path=FILE[,readonly][,queues=N] or socket=PATH[,queues=N][,reconnect=off|MS]",
                 ))
             }
         }
     }
     match (path, socket) {
+        (Some(_), None) if reconnect.is_some() => Err(bad(
+            "reconnect= is for socket= backends; the in-process backend does not go away",
+        )),
         (Some(path), None) => Ok(BlkConfig::InProcess {
             path,
             readonly,
             queues,
         }),
-        (None, Some(path)) if !readonly => Ok(BlkConfig::Socket { path, queues }),
+        (None, Some(path)) if !readonly => Ok(BlkConfig::Socket {
+            path,
+            queues,
+            reconnect: reconnect.unwrap_or(ReconnectPolicy::DEFAULT),
+        }),
         (None, Some(_)) => Err(bad(
             "readonly is a property of the backend; pass it to the backend",
         )),
@@ -179,6 +207,7 @@ mod tests {
         let socket = |p: &str, queues| BlkConfig::Socket {
             path: p.into(),
             queues,
+            reconnect: ReconnectPolicy::DEFAULT,
         };
         assert_eq!(
             parse_blk("path=/d.img,readonly"),
@@ -190,7 +219,28 @@ mod tests {
         );
         assert_eq!(parse_blk("socket=/s"), Ok(socket("/s", 1)));
         assert_eq!(parse_blk("socket=/s,queues=4"), Ok(socket("/s", 4)));
+        assert_eq!(
+            parse_blk("socket=/s,reconnect=off"),
+            Ok(BlkConfig::Socket {
+                path: "/s".into(),
+                queues: 1,
+                reconnect: ReconnectPolicy::Off
+            })
+        );
+        assert_eq!(
+            parse_blk("socket=/s,reconnect=20,queues=2"),
+            Ok(BlkConfig::Socket {
+                path: "/s".into(),
+                queues: 2,
+                reconnect: ReconnectPolicy::every(Duration::from_millis(20))
+            })
+        );
         for bad in [
+            "socket=/s,reconnect=0",
+            "socket=/s,reconnect=60001",
+            "socket=/s,reconnect=",
+            "socket=/s,reconnect=soon",
+            "path=/d,reconnect=5",
             "path=/a,socket=/b",
             "path=",
             "bogus",

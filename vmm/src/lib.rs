@@ -5,6 +5,7 @@ pub mod boot;
 pub mod config;
 pub mod cpu_model;
 pub mod device_manager;
+pub mod event_loop;
 pub mod exit;
 pub mod layout;
 pub mod legacy;

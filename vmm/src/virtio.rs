@@ -12,17 +12,22 @@ use std::time::Duration;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
 
+use std::path::PathBuf;
+
 use devices::blk::backend::{BlkBackend, BlkBackendConfig, BlkError};
 use devices::virtio_mmio::{
-    error_chain as chain, DeviceKind, MemoryTable, MmioTransport, VhostUserDevice,
-    VhostUserDeviceOptions, QUEUE_NOTIFY,
+    error_chain as chain, Connector, DeviceKind, MemoryTable, MmioTransport, ReconnectPolicy,
+    VhostUserDevice, VhostUserDeviceOptions, QUEUE_NOTIFY,
 };
-use vhost_frontend::connection::{connect_with_timeout, Frontend, CONNECT_TIMEOUT};
+use vhost_frontend::connection::{
+    connect_with_timeout, Frontend, VhostUserFrontend, CONNECT_TIMEOUT,
+};
 use vhost_frontend::trace::printable;
 
 use crate::boot::acpi::MmioDeviceInfo;
 use crate::config::BlkConfig;
 use crate::device_manager::{DeviceManager, MmioDevice};
+use crate::event_loop::{BackendWatch, EventLoopError};
 
 /// Queue size we offer the guest for blk devices (QEMU's vhost-user-blk default is 128).
 pub const BLK_QUEUE_SIZE: u16 = 256;
@@ -58,6 +63,11 @@ pub enum VirtioError {
     },
     #[error(transparent)]
     DeviceManager(#[from] crate::device_manager::DeviceManagerError),
+    #[error("blk device {index}: {source}")]
+    EventLoop {
+        index: usize,
+        source: EventLoopError,
+    },
 }
 
 impl MmioDevice for MmioTransport {
@@ -72,16 +82,26 @@ impl MmioDevice for MmioTransport {
 /// Backends started in this process; they end when their connection closes.
 pub type FallbackThreads = Vec<JoinHandle<Result<(), BlkError>>>;
 
-/// Adds one virtio-blk device per `--blk`, returning the in-process backend threads.
+/// What the blk devices leave to the VMM: the in-process backend threads, and for each device
+/// the event loop's watch on its backend.
+pub struct AttachedBlk {
+    pub fallback_threads: FallbackThreads,
+    pub watches: Vec<BackendWatch>,
+}
+
+/// Adds one virtio-blk device per `--blk`.
 pub fn attach_blk_devices(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     dm: &mut DeviceManager,
     blks: &[BlkConfig],
     trace: bool,
-) -> Result<FallbackThreads, VirtioError> {
+) -> Result<AttachedBlk, VirtioError> {
     let mut threads = Vec::new();
+    let mut watches = Vec::new();
     for (index, blk) in blks.iter().enumerate() {
+        let connector: Box<dyn Connector>;
+        let policy: ReconnectPolicy;
         let (stream, what, queues): (UnixStream, String, u16) = match blk {
             BlkConfig::InProcess {
                 path,
@@ -98,16 +118,29 @@ pub fn attach_blk_devices(
                     num_queues: *queues,
                     queue_size: BLK_QUEUE_SIZE,
                 };
-                let (s, t) =
-                    BlkBackend::spawn_in_process(cfg).map_err(|source| VirtioError::Fallback {
+                let (s, t) = BlkBackend::spawn_in_process(cfg.clone()).map_err(|source| {
+                    VirtioError::Fallback {
                         index,
                         what: what.clone(),
                         source,
-                    })?;
+                    }
+                })?;
                 threads.push(t);
+                connector = Box::new(InProcessConnector {
+                    index,
+                    cfg,
+                    trace,
+                    threads: Vec::new(),
+                });
+                // It goes away only if its thread ends; a new one then takes over.
+                policy = ReconnectPolicy::DEFAULT;
                 (s, what, *queues)
             }
-            BlkConfig::Socket { path, queues } => {
+            BlkConfig::Socket {
+                path,
+                queues,
+                reconnect,
+            } => {
                 // Escaped: the path goes into one error line, and must not make it two.
                 let p = printable(&path.to_string_lossy()).into_owned();
                 // Bounded: a backend whose listen backlog is full and that never accepts would
@@ -119,17 +152,79 @@ pub fn attach_blk_devices(
                         source,
                     }
                 })?;
+                connector = Box::new(SocketConnector {
+                    index,
+                    path: path.clone(),
+                    trace,
+                });
+                policy = *reconnect;
                 (s, format!("backend at {p}"), *queues)
             }
         };
         let info = dm.allocate()?;
-        let transport = blk_transport(index, &what, stream, queues, mem, trace)?;
+        let (transport, device) =
+            blk_transport(index, &what, stream, queues, mem, trace, connector, policy)?;
         wire_into_kvm(vm, index, &info, &transport)?;
-        dm.attach(info, Arc::new(Mutex::new(transport)));
+        let transport = Arc::new(Mutex::new(transport));
+        let watch = BackendWatch::new(device, Arc::clone(&transport))
+            .map_err(|source| VirtioError::EventLoop { index, source })?;
+        watches.push(watch);
+        dm.attach(info, transport);
     }
-    Ok(threads)
+    Ok(AttachedBlk {
+        fallback_threads: threads,
+        watches,
+    })
 }
 
+/// A frontend on `stream`, set up the same way for the first connection and every reconnect.
+fn blk_frontend(index: usize, stream: UnixStream, trace: bool) -> Frontend {
+    let mut frontend = Frontend::from_stream(stream, format!("blk{index}"));
+    frontend.set_trace(trace);
+    frontend.set_virtio_device_id(vhost_frontend::features::VIRTIO_ID_BLOCK);
+    // Never fails (the Result is historical).
+    let _ = frontend.set_reply_timeout(Some(REPLY_TIMEOUT));
+    frontend
+}
+
+/// Reconnects to a backend listening on a unix socket.
+struct SocketConnector {
+    index: usize,
+    path: PathBuf,
+    trace: bool,
+}
+
+impl Connector for SocketConnector {
+    fn connect(&mut self) -> Result<Box<dyn VhostUserFrontend + Send>, String> {
+        let stream = connect_with_timeout(&self.path, CONNECT_TIMEOUT).map_err(|e| {
+            format!(
+                "cannot connect to {}: {e}",
+                printable(&self.path.to_string_lossy())
+            )
+        })?;
+        Ok(Box::new(blk_frontend(self.index, stream, self.trace)))
+    }
+}
+
+/// Starts a fresh in-process backend (on a new socketpair) if the previous one ended.
+struct InProcessConnector {
+    index: usize,
+    cfg: BlkBackendConfig,
+    trace: bool,
+    threads: FallbackThreads,
+}
+
+impl Connector for InProcessConnector {
+    fn connect(&mut self) -> Result<Box<dyn VhostUserFrontend + Send>, String> {
+        self.threads.retain(|t| !t.is_finished());
+        let (stream, thread) = BlkBackend::spawn_in_process(self.cfg.clone())
+            .map_err(|e| format!("cannot start the in-process backend: {e}"))?;
+        self.threads.push(thread);
+        Ok(Box::new(blk_frontend(self.index, stream, self.trace)))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn blk_transport(
     index: usize,
     what: &str,
@@ -137,26 +232,27 @@ fn blk_transport(
     num_queues: u16,
     mem: &GuestMemoryMmap,
     trace: bool,
-) -> Result<MmioTransport, VirtioError> {
+    connector: Box<dyn Connector>,
+    policy: ReconnectPolicy,
+) -> Result<(MmioTransport, devices::virtio_mmio::ReconnectHandle), VirtioError> {
     let dev_err = |detail: String| VirtioError::Device {
         index,
         what: what.to_string(),
         detail,
     };
-    let mut frontend = Frontend::from_stream(stream, format!("blk{index}"));
-    frontend.set_trace(trace);
-    frontend.set_virtio_device_id(vhost_frontend::features::VIRTIO_ID_BLOCK);
-    frontend
-        .set_reply_timeout(Some(REPLY_TIMEOUT))
-        .map_err(|e| dev_err(chain(&e)))?;
+    let frontend = blk_frontend(index, stream, trace);
     let table = MemoryTable::from_guest_memory(mem).map_err(|e| dev_err(chain(&e)))?;
     let opts = VhostUserDeviceOptions {
         num_queues,
         queue_size: BLK_QUEUE_SIZE,
     };
     let device = VhostUserDevice::new(Box::new(frontend), DeviceKind::BLOCK, table, opts)
-        .map_err(|e| dev_err(chain(&e)))?;
-    MmioTransport::new(Box::new(device), mem.clone()).map_err(|e| dev_err(chain(&e)))
+        .map_err(|e| dev_err(chain(&e)))?
+        .with_reconnect(format!("blk{index}"), connector, policy);
+    let handle = device.reconnect_handle();
+    let transport =
+        MmioTransport::new(Box::new(device), mem.clone()).map_err(|e| dev_err(chain(&e)))?;
+    Ok((transport, handle))
 }
 
 fn wire_into_kvm(

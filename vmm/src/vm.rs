@@ -39,6 +39,8 @@ pub enum VmError {
     Devices(#[from] DeviceManagerError),
     #[error(transparent)]
     Virtio(#[from] virtio::VirtioError),
+    #[error(transparent)]
+    EventLoop(#[from] crate::event_loop::EventLoopError),
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
     #[error("cannot start vCPU thread: {0}")]
@@ -109,8 +111,10 @@ impl Vm {
         ))));
 
         let mut devices = DeviceManager::default();
-        let fallback_threads =
+        let blk =
             virtio::attach_blk_devices(&vm, ram.memory(), &mut devices, &cfg.blk, cfg.trace_vhost)?;
+        crate::event_loop::spawn(blk.watches)?;
+        let fallback_threads = blk.fallback_threads;
         let mut cmdline = cfg.cmdline.clone();
         let frag = devices.cmdline_fragment();
         if !frag.is_empty() {

@@ -174,6 +174,16 @@ impl MmioTransport {
         self.call.write(1)
     }
 
+    /// The device cannot go on (its backend came back as a different device, or cannot come
+    /// back): DEVICE_NEEDS_RESET, and a configuration change interrupt so the driver looks
+    /// (virtio 1.2 §2.1.2).
+    pub fn device_needs_reset(&mut self) {
+        self.status |= status::DEVICE_NEEDS_RESET;
+        if let Err(err) = self.notify_config_change() {
+            warn!(%err, "virtio-mmio: cannot raise the config change interrupt");
+        }
+    }
+
     /// A driver read of `data.len()` bytes at `offset` into the window.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= reg::CONFIG_SPACE {

@@ -148,7 +148,7 @@ impl ReconnectHandle {
         link.hung_up(cause);
         let waiting = matches!(link.state, BackendState::Disconnected { .. });
         if waiting {
-            warn!(
+            info!(
                 "{}: vhost-user backend gone ({cause}); the guest's requests wait; reconnect: {}",
                 self.shared.name, self.shared.policy
             );
@@ -271,7 +271,8 @@ impl ReconnectHandle {
             Some((n, how)) => format!("{n} requests resubmitted {how}"),
             None => "no queue was running".into(),
         };
-        info!(
+        // Warning level: an outage is worth the operator's eye even when the guest never noticed.
+        warn!(
             "{}: vhost-user backend back after {} ms ({} attempts; cause: {}); {resubmitted}",
             self.shared.name,
             outage.since.elapsed().as_millis(),

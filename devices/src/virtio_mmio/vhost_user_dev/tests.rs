@@ -71,6 +71,15 @@ enum Sent {
     GetVringBase {
         index: u32,
     },
+    GetInflightFd {
+        num_queues: u16,
+        queue_size: u16,
+    },
+    /// `eventfd`-like identity of the buffer: its inode.
+    SetInflightFd {
+        mmap_size: u64,
+        inode: u64,
+    },
     /// A request this device must never send.
     Unexpected(&'static str),
 }
@@ -93,6 +102,8 @@ impl Sent {
             Sent::SetVringCall { .. } => "SET_VRING_CALL",
             Sent::SetVringEnable { .. } => "SET_VRING_ENABLE",
             Sent::GetVringBase { .. } => "GET_VRING_BASE",
+            Sent::GetInflightFd { .. } => "GET_INFLIGHT_FD",
+            Sent::SetInflightFd { .. } => "SET_INFLIGHT_FD",
             Sent::Unexpected(name) => name,
         }
     }
@@ -120,6 +131,8 @@ struct Backend {
     /// sent, the deadline in force then.
     sequence_deadline: Option<std::time::Instant>,
     deadlines: Vec<Option<std::time::Instant>>,
+    /// GET_INFLIGHT_FD answers with a memfd of this many bytes (0: "keeps no buffer").
+    inflight_size: u64,
 }
 
 impl Default for Backend {
@@ -134,6 +147,7 @@ impl Default for Backend {
             sent: Vec::new(),
             sequence_deadline: None,
             deadlines: Vec::new(),
+            inflight_size: 0,
         }
     }
 }
@@ -242,19 +256,51 @@ impl VhostUserFrontend for FakeFrontend {
     }
     fn get_inflight_fd(
         &mut self,
-        _num_queues: u16,
-        _queue_size: u16,
+        num_queues: u16,
+        queue_size: u16,
     ) -> Result<Option<InflightBuffer>, FrontendError> {
-        self.record(Sent::Unexpected("GET_INFLIGHT_FD"))?;
-        Ok(None)
+        self.record(Sent::GetInflightFd {
+            num_queues,
+            queue_size,
+        })?;
+        let size = self.0.lock().unwrap().inflight_size;
+        if size == 0 {
+            return Ok(None);
+        }
+        let file = memfd(size);
+        Ok(Some(InflightBuffer {
+            description: InflightDescription {
+                mmap_size: size,
+                mmap_offset: 0,
+                num_queues,
+                queue_size,
+            },
+            fd: file.into(),
+        }))
     }
     fn set_inflight_fd(
         &mut self,
-        _description: &InflightDescription,
-        _fd: BorrowedFd<'_>,
+        description: &InflightDescription,
+        fd: BorrowedFd<'_>,
     ) -> Result<(), FrontendError> {
-        self.record(Sent::Unexpected("SET_INFLIGHT_FD"))
+        use std::os::unix::fs::MetadataExt;
+        let file = File::from(fd.try_clone_to_owned().unwrap());
+        self.record(Sent::SetInflightFd {
+            mmap_size: description.mmap_size,
+            inode: file.metadata().unwrap().ino(),
+        })
     }
+}
+
+/// A memfd of `size` bytes (zeroed).
+fn memfd(size: u64) -> File {
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked below.
+    let fd = unsafe { libc::memfd_create(c"vhost-user-dev-test".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: fd was just created and is owned by nobody else.
+    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(size).unwrap();
+    file
 }
 
 fn ram_file() -> Arc<File> {
@@ -907,3 +953,6 @@ fn seg_max_is_clamped_to_the_ring_the_guest_gets() {
     assert_eq!(seg_max_of(u32::MAX), 254);
     assert_eq!(seg_max_of(126), 126, "a smaller promise is kept");
 }
+
+#[path = "reconnect_tests.rs"]
+mod reconnect_tests;
