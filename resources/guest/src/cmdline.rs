@@ -69,6 +69,10 @@ pub struct Options {
     pub blocks: u64,
     pub start: u64,
     pub seed: u64,
+    /// blk-write-verify: write the blocks this many times, pass p with seed `seed + p`, then
+    /// verify the last pass. A write of an earlier pass that the backend replays after a later
+    /// one completed (a recovery bug) leaves a wrong block.
+    pub passes: u64,
     pub reqs: u64,
     pub qd: u16,
     pub rw: ReadWrite,
@@ -84,6 +88,7 @@ impl Default for Options {
             blocks: 64,
             start: 0,
             seed: 1,
+            passes: 1,
             reqs: 10_000,
             qd: 1,
             rw: ReadWrite::RandRead,
@@ -217,6 +222,7 @@ pub fn parse(cmdline: &str) -> Result<Config, CmdlineError<'_>> {
             "blocks" => options.blocks = number_in(token, value, 1, u64::MAX)?,
             "start" => options.start = number_in(token, value, 0, u64::MAX)?,
             "seed" => options.seed = number_in(token, value, 0, u64::MAX)?,
+            "passes" => options.passes = number_in(token, value, 1, 1_000_000)?,
             "reqs" => options.reqs = number_in(token, value, 1, u64::MAX)?,
             "qd" => options.qd = number_in(token, value, 1, u64::from(u16::MAX))? as u16,
             "disk" => {
@@ -275,6 +281,11 @@ mod tests {
         assert!(config.options.irq);
         assert!(config.options.reset);
         assert_eq!(config.options.qd, 4);
+        assert_eq!(config.options.passes, 1);
+        assert_eq!(
+            parse("blk-write-verify passes=3").unwrap().options.passes,
+            3
+        );
         assert_eq!(config.options.reqs, 16);
         assert_eq!(config.options.rw, ReadWrite::RandWrite);
     }

@@ -128,18 +128,27 @@ pub fn write_verify(config: &Config) -> Outcome {
         ),
     }
 
-    // Write: request i writes block start+i as sequence number i.
-    pipeline(
-        &mut disk,
-        Some("blk-write-verify: write"),
-        blocks,
-        depth,
-        |disk, slot, i| {
-            fill_block(disk.data(slot), start + i, seed, i);
-            (Op::Write, start + i)
-        },
-        |_, _, _| Ok(()),
-    )?;
+    // Write: request i writes block start+i as sequence number i; pass p uses seed + p, and the
+    // last pass is what must be read back.
+    let passes = options.passes;
+    for pass in 0..passes {
+        let pass_seed = seed.wrapping_add(pass);
+        pipeline(
+            &mut disk,
+            Some("blk-write-verify: write"),
+            blocks,
+            depth,
+            |disk, slot, i| {
+                fill_block(disk.data(slot), start + i, pass_seed, i);
+                (Op::Write, start + i)
+            },
+            |_, _, _| Ok(()),
+        )?;
+        if passes > 1 {
+            println!("{TEST}: pass {}/{passes} written", pass + 1);
+        }
+    }
+    let seed = seed.wrapping_add(passes - 1);
     if disk.can_flush() {
         pipeline(
             &mut disk,
@@ -153,7 +162,7 @@ pub fn write_verify(config: &Config) -> Outcome {
 
     let verified = read_back(&mut disk, depth, start, blocks, seed)?;
     println!(
-        "{TEST}: blocks={blocks} start={start} seed={seed} written={blocks} verified={verified} flushed={}",
+        "{TEST}: blocks={blocks} start={start} seed={seed} written={blocks} verified={verified} flushed={} passes={passes}",
         disk.can_flush()
     );
     if options.irq {
