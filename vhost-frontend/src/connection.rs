@@ -270,6 +270,40 @@ fn check_inflight_fd(fd: OwnedFd, reply: &InflightDescription) -> Result<OwnedFd
     Ok(file.into())
 }
 
+/// The inflight region behind `fd` as described, one line per queue (split layout: the only one
+/// a frontend that never offers VIRTIO_F_RING_PACKED meets), or one line saying why not.
+pub fn describe_inflight_region(
+    description: &InflightDescription,
+    fd: BorrowedFd<'_>,
+) -> Vec<String> {
+    use std::os::unix::fs::FileExt;
+    let Ok(len) = usize::try_from(description.mmap_size) else {
+        return vec!["inflight region too large to read".into()];
+    };
+    let mut bytes = vec![0u8; len];
+    let read = fd
+        .try_clone_to_owned()
+        .map(std::fs::File::from)
+        .and_then(|file| file.read_exact_at(&mut bytes, description.mmap_offset));
+    if let Err(e) = read {
+        return vec![format!("inflight region unreadable: {e}")];
+    }
+    match crate::wire::inflight::InflightRegion::new(
+        &bytes,
+        description.num_queues,
+        description.queue_size,
+    ) {
+        Ok(region) => region
+            .queues()
+            .map(|queue| match queue {
+                Ok(queue) => queue.describe(),
+                Err(e) => e.to_string(),
+            })
+            .collect(),
+        Err(e) => vec![e.to_string()],
+    }
+}
+
 /// How long [`connect_with_timeout`] waits, via [`Frontend::connect`] and `vmm run --blk socket=`,
 /// for a backend to take a connection. A backend that is listening takes it at once, even before it
 /// calls accept(); only a full listen backlog (a backend that never accepts) makes us wait.
@@ -587,6 +621,18 @@ impl Frontend {
         result
     }
 
+    /// With the trace on: the inflight region decoded, one line per queue (version, desc_num,
+    /// entries inflight, used_idx, last_batch_head). Read through the fd into a private copy
+    /// (`pread`), so a backend writing the region meanwhile changes nothing under the decoder.
+    fn trace_inflight_region(&self, description: &InflightDescription, fd: BorrowedFd<'_>) {
+        if !self.trace {
+            return;
+        }
+        for line in describe_inflight_region(description, fd) {
+            eprintln!("vhost-user {}:   {line}", self.name);
+        }
+    }
+
     fn emit_trace(&self, direction: Direction, header: &Header, payload: &[u8], fds: usize) {
         let line =
             || describe_device_message(self.device_id, direction, &self.name, header, payload, fds);
@@ -846,6 +892,7 @@ impl VhostUserFrontend for Frontend {
             let fd = fds.pop().ok_or_else(|| FrontendError::protocol(name, "fd vanished"))?;
             let fd = check_inflight_fd(fd, &reply).map_err(|detail| FrontendError::protocol(name, detail))?;
             let description = InflightDescription { num_queues, queue_size, ..reply };
+            this.trace_inflight_region(&description, fd.as_fd());
             Ok(Some(InflightBuffer { description, fd }))
         })
     }
@@ -855,6 +902,8 @@ impl VhostUserFrontend for Frontend {
         description: &InflightDescription,
         fd: BorrowedFd<'_>,
     ) -> Result<(), FrontendError> {
+        // What the backend is about to recover from (after a restart: what its predecessor left).
+        self.trace_inflight_region(description, fd);
         self.request_ack(Request::SetInflightFd, &description.encode(), &[fd])
     }
 }

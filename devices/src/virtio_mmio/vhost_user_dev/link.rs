@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use tracing::{debug, info, warn};
 use vhost_frontend::connection::{
-    FrontendError, InflightBuffer, MemoryRegionFd, VhostUserFrontend,
+    describe_inflight_region, FrontendError, InflightBuffer, MemoryRegionFd, VhostUserFrontend,
 };
 use vhost_frontend::features::{self, PROTOCOL_INFLIGHT_SHMFD, VHOST_USER_F_PROTOCOL_FEATURES};
 use vhost_frontend::wire::inflight::InflightRegion;
@@ -351,22 +351,9 @@ impl Link {
 
     /// One line per queue describing the inflight region, for the log around a replay.
     pub(super) fn describe_inflight(&self) -> Vec<String> {
-        let Some(buffer) = &self.record.inflight else {
-            return Vec::new();
-        };
-        let Some(bytes) = read_inflight(buffer) else {
-            return vec!["inflight region unreadable".into()];
-        };
-        let d = &buffer.description;
-        match InflightRegion::new(&bytes, d.num_queues, d.queue_size) {
-            Ok(region) => region
-                .queues()
-                .map(|q| match q {
-                    Ok(q) => q.describe(),
-                    Err(e) => e.to_string(),
-                })
-                .collect(),
-            Err(e) => vec![e.to_string()],
+        match &self.record.inflight {
+            Some(buffer) => describe_inflight_region(&buffer.description, buffer.fd.as_fd()),
+            None => Vec::new(),
         }
     }
 
