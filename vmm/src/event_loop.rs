@@ -6,6 +6,10 @@
 //! never wait for a backend to come back: the guest's kicks wait in the ioeventfds, and the
 //! replay after a reconnect holds the device only for the handshake.
 //!
+//! A backend on a unix socket is also watched where it will reappear: an inotify watch on the
+//! socket's directory makes the first attempt after a restart happen the moment the backend
+//! creates its socket, instead of at the next backoff tick.
+//!
 //! ```text
 //!   watching ──EPOLLHUP/RDHUP──► hung_up() ──► waiting ──timer──► attempt()
 //!      ▲                                          ▲                  │
@@ -14,7 +18,8 @@
 //!                           DEVICE_NEEDS_RESET ◄──┴──── GaveUp ◄─────┘
 //! ```
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,6 +42,8 @@ pub struct BackendWatch {
     /// When it went away, and when to say again that it is still away.
     waiting_since: Instant,
     next_notice: Duration,
+    /// Where a socket backend reappears, watched while it is away.
+    socket_watch: Option<SocketWatch>,
 }
 
 /// A backend away this long gets a warning, then again at each doubling.
@@ -53,11 +60,25 @@ pub enum EventLoopError {
 }
 
 impl BackendWatch {
+    /// `socket`: the backend's unix socket path, if it has one (then its reappearance is watched).
     pub fn new(
         handle: ReconnectHandle,
         transport: Arc<Mutex<MmioTransport>>,
+        socket: Option<&Path>,
     ) -> Result<Self, EventLoopError> {
+        let socket_watch = socket.and_then(|path| match SocketWatch::new(path) {
+            Ok(watch) => Some(watch),
+            Err(e) => {
+                warn!(
+                    "{}: cannot watch {} for the backend's return ({e}); relying on the timer",
+                    handle.name(),
+                    path.display()
+                );
+                None
+            }
+        });
         Ok(BackendWatch {
+            socket_watch,
             handle,
             transport,
             watched: None,
@@ -135,6 +156,19 @@ impl BackendWatch {
         }
     }
 
+    /// The socket's directory changed: if the backend's socket (re)appeared while we wait,
+    /// try now, and start the backoff over (it may not listen yet).
+    fn socket_event(&mut self) {
+        let Some(watch) = &self.socket_watch else {
+            return;
+        };
+        if watch.drain_names_socket() && self.handle.is_waiting() {
+            debug!("{}: the backend's socket reappeared", self.handle.name());
+            self.attempts = 0;
+            self.schedule();
+        }
+    }
+
     fn attempt(&mut self, ops: &mut EventOps) {
         let _ = self.timer.wait();
         match self.handle.attempt() {
@@ -180,6 +214,14 @@ impl MutEventSubscriber for BackendWatch {
                 self.handle.name()
             );
         }
+        if let Some(watch) = &self.socket_watch {
+            if let Err(e) = ops.add(Events::new_raw(watch.fd.as_raw_fd(), EventSet::IN)) {
+                error!(
+                    "{}: cannot watch the socket directory: {e}",
+                    self.handle.name()
+                );
+            }
+        }
         self.watch(ops);
         // A vCPU may have found the backend gone before the loop started.
         if self.watched.is_none() && self.handle.is_waiting() && !self.schedule() {
@@ -190,6 +232,14 @@ impl MutEventSubscriber for BackendWatch {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if events.fd() == self.timer.as_raw_fd() {
             self.attempt(ops);
+            return;
+        }
+        if self
+            .socket_watch
+            .as_ref()
+            .is_some_and(|w| events.fd() == w.fd.as_raw_fd())
+        {
+            self.socket_event();
             return;
         }
         let Some((fd, generation)) = &self.watched else {
@@ -206,6 +256,67 @@ impl MutEventSubscriber for BackendWatch {
             "hang-up on the socket"
         };
         self.backend_gone(generation, cause, ops);
+    }
+}
+
+/// An inotify watch on a socket's directory, reporting when an entry of the socket's name is
+/// created, moved in or changed (a restarted backend binds a new socket there).
+struct SocketWatch {
+    fd: OwnedFd,
+    name: Vec<u8>,
+}
+
+impl SocketWatch {
+    fn new(socket: &Path) -> std::io::Result<SocketWatch> {
+        use std::os::unix::ffi::OsStrExt;
+        let invalid = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name");
+        let name = socket.file_name().ok_or_else(invalid)?.as_bytes().to_vec();
+        let dir = match socket.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let dir = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| invalid())?;
+        // SAFETY: plain syscall; the result is checked before being owned.
+        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mask = libc::IN_CREATE | libc::IN_MOVED_TO | libc::IN_ATTRIB;
+        // SAFETY: `fd` is an inotify instance and `dir` a NUL-terminated path alive for the call.
+        if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), dir.as_ptr(), mask) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(SocketWatch { fd, name })
+    }
+
+    /// Reads every pending event; true if one names the socket.
+    fn drain_names_socket(&self) -> bool {
+        const HEADER: usize = std::mem::size_of::<libc::inotify_event>();
+        let mut named = false;
+        let mut buf = [0u8; 4096];
+        loop {
+            // SAFETY: reads into our own buffer of the given length.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            let Ok(n) = usize::try_from(n) else {
+                return named; // EAGAIN: drained (or an error: nothing more to learn)
+            };
+            if n == 0 {
+                return named;
+            }
+            let mut at = 0;
+            while at + HEADER <= n {
+                // Fields of struct inotify_event: wd i32, mask u32, cookie u32, len u32, name.
+                let len_bytes = [buf[at + 12], buf[at + 13], buf[at + 14], buf[at + 15]];
+                let len = u32::from_ne_bytes(len_bytes) as usize;
+                let end = (at + HEADER).saturating_add(len).min(n);
+                let raw_name = &buf[at + HEADER..end];
+                let event_name = raw_name.split(|&b| b == 0).next().unwrap_or_default();
+                named |= event_name == self.name.as_slice();
+                at = end;
+            }
+        }
     }
 }
 

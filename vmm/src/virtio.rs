@@ -102,6 +102,7 @@ pub fn attach_blk_devices(
     for (index, blk) in blks.iter().enumerate() {
         let connector: Box<dyn Connector>;
         let policy: ReconnectPolicy;
+        let socket_path: Option<&std::path::Path>;
         let (stream, what, queues): (UnixStream, String, u16) = match blk {
             BlkConfig::InProcess {
                 path,
@@ -134,6 +135,7 @@ pub fn attach_blk_devices(
                 });
                 // It goes away only if its thread ends; a new one then takes over.
                 policy = ReconnectPolicy::DEFAULT;
+                socket_path = None;
                 (s, what, *queues)
             }
             BlkConfig::Socket {
@@ -158,6 +160,7 @@ pub fn attach_blk_devices(
                     trace,
                 });
                 policy = *reconnect;
+                socket_path = Some(path);
                 (s, format!("backend at {p}"), *queues)
             }
         };
@@ -166,7 +169,7 @@ pub fn attach_blk_devices(
             blk_transport(index, &what, stream, queues, mem, trace, connector, policy)?;
         wire_into_kvm(vm, index, &info, &transport)?;
         let transport = Arc::new(Mutex::new(transport));
-        let watch = BackendWatch::new(device, Arc::clone(&transport))
+        let watch = BackendWatch::new(device, Arc::clone(&transport), socket_path)
             .map_err(|source| VirtioError::EventLoop { index, source })?;
         watches.push(watch);
         dm.attach(info, transport);
