@@ -5,7 +5,9 @@
 use super::*;
 use crate::features::{PROTOCOL_CONFIG, PROTOCOL_INFLIGHT_SHMFD, VIRTIO_RING_F_EVENT_IDX};
 use crate::test_support::{eventfd, open_fd_count, FD_LOCK};
-use crate::wire::{recv_message, send_message, FrontendMessage, PeerGone as WirePeerGone};
+use crate::wire::{
+    recv_message, send_message, FrontendMessage, PeerGone as WirePeerGone, ReplyKind, U64Payload,
+};
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
 use std::thread::JoinHandle;
@@ -110,55 +112,52 @@ fn good_backend(stream: UnixStream) -> Vec<String> {
             request.name(),
             if header.need_reply() { "+ack" } else { "" }
         ));
-        match message {
-            FrontendMessage::GetFeatures => {
-                reply(&stream, request, &U64Payload(OFFERED).encode(), &[])
+        // Built as our backend builds its replies: typed, through `BackendReply::encode`.
+        let answer = match message {
+            FrontendMessage::GetFeatures => Some(BackendReply::Features(OFFERED)),
+            FrontendMessage::GetProtocolFeatures => {
+                Some(BackendReply::ProtocolFeatures(OFFERED_PROTOCOL))
             }
-            FrontendMessage::GetProtocolFeatures => reply(
-                &stream,
-                request,
-                &U64Payload(OFFERED_PROTOCOL).encode(),
-                &[],
-            ),
-            FrontendMessage::GetQueueNum => reply(&stream, request, &U64Payload(2).encode(), &[]),
+            FrontendMessage::GetQueueNum => Some(BackendReply::QueueNum(2)),
             FrontendMessage::GetConfig(c) => {
                 let data: Vec<u8> = (0..c.size()).map(|i| i as u8).collect();
-                let c = ConfigSpace { payload: data, ..c };
-                reply(&stream, request, &c.encode(), &[])
+                Some(BackendReply::Config(ConfigSpace { payload: data, ..c }))
             }
-            FrontendMessage::GetVringBase(s) => reply(
-                &stream,
-                request,
-                &VringState {
-                    index: s.index,
-                    num: 42,
-                }
-                .encode(),
-                &[],
-            ),
+            FrontendMessage::GetVringBase(s) => Some(BackendReply::VringBase(VringState {
+                index: s.index,
+                num: 42,
+            })),
             FrontendMessage::GetInflightFd(d) => {
                 let size = u64::from(d.num_queues)
                     * (16 + 16 * u64::from(d.queue_size)).next_multiple_of(64);
-                let fd = memfd_of_size(size);
-                let desc = InflightDescription {
-                    mmap_size: size,
-                    mmap_offset: 0,
-                    ..d
-                };
-                reply(&stream, request, &desc.encode(), &[fd.as_fd()])
+                Some(BackendReply::Inflight {
+                    description: InflightDescription {
+                        mmap_size: size,
+                        mmap_offset: 0,
+                        ..d
+                    },
+                    fd: Some(memfd_of_size(size)),
+                })
             }
             FrontendMessage::SetVringKick { fd: Some(fd), .. } => {
                 std::fs::File::from(fd)
                     .write_all(&1u64.to_ne_bytes())
                     .expect("signal kick");
+                None
             }
             FrontendMessage::SetMemTable { table, fds } => {
                 assert_eq!(table.regions.len(), fds.len());
+                None
             }
-            _ => {}
-        }
-        if header.need_reply() && !request.always_replies() {
-            reply(&stream, request, &U64Payload(0).encode(), &[]);
+            _ => None,
+        };
+        let answer = answer.or_else(|| {
+            (ReplyKind::expected(request, header.need_reply()) == Some(ReplyKind::Ack))
+                .then_some(BackendReply::Ack { request, status: 0 })
+        });
+        if let Some(answer) = answer {
+            let (header, payload, fds) = answer.encode();
+            send_message(&stream, &header, &payload, &fds).expect("fake backend: reply");
         }
     }
 }
@@ -838,7 +837,7 @@ fn reply_ack_failures_are_reported_on_the_message() {
 #[test]
 fn hostile_inflight_replies() {
     type Answer = fn(&UnixStream, InflightDescription);
-    let cases: [(&str, Answer, Option<&str>); 10] = [
+    let cases: [(&str, Answer, Option<&str>); 14] = [
         (
             "no fd",
             |s, d| {
@@ -975,6 +974,64 @@ fn hostile_inflight_replies() {
             },
             None,
         ),
+        (
+            // Tolerated, and the fd is closed (no_fd_leak checks).
+            "empty buffer, one fd",
+            |s, d| {
+                let fd = memfd();
+                reply(
+                    s,
+                    Request::GetInflightFd,
+                    &InflightDescription { mmap_size: 0, ..d }.encode(),
+                    &[fd.as_fd()],
+                )
+            },
+            None,
+        ),
+        (
+            "empty buffer, two fds",
+            |s, d| {
+                let (a, b) = (memfd(), memfd());
+                reply(
+                    s,
+                    Request::GetInflightFd,
+                    &InflightDescription { mmap_size: 0, ..d }.encode(),
+                    &[a.as_fd(), b.as_fd()],
+                )
+            },
+            Some("2 fds with an empty buffer"),
+        ),
+        (
+            "another request's reply",
+            |s, d| {
+                let fd = memfd();
+                reply(
+                    s,
+                    Request::SetInflightFd,
+                    &InflightDescription {
+                        mmap_size: 2112,
+                        ..d
+                    }
+                    .encode(),
+                    &[fd.as_fd()],
+                )
+            },
+            Some("request code 32 (SET_INFLIGHT_FD)"),
+        ),
+        (
+            "REPLY flag missing",
+            |s, d| {
+                let fd = memfd();
+                let payload = InflightDescription {
+                    mmap_size: 2112,
+                    ..d
+                }
+                .encode();
+                let header = Header::for_request(Request::GetInflightFd, payload.len(), false);
+                send_raw(s, header, &payload, &[fd.as_fd()])
+            },
+            Some("REPLY flag missing"),
+        ),
     ];
     for (name, answer, detail) in cases {
         no_fd_leak(|| {
@@ -1068,6 +1125,21 @@ fn get_config_and_vring_base_replies_must_match_the_question() {
             "GET_CONFIG",
             "size 4",
         );
+        backend.join().unwrap();
+    });
+    // libvhost-user's "failed": an empty payload. Still an error that ends the exchange, named so.
+    no_fd_leak(|| {
+        let (mut frontend, backend) = with_backend(|s| {
+            let _ = read_request(&s);
+            let (header, payload, fds) = BackendReply::ConfigFailed.encode();
+            send_message(&s, &header, &payload, &fds).expect("fake backend: reply");
+        });
+        expect_protocol(
+            frontend.get_config(0, 8).unwrap_err(),
+            "GET_CONFIG",
+            "how libvhost-user says the read failed",
+        );
+        assert!(!frontend.is_usable());
         backend.join().unwrap();
     });
     no_fd_leak(|| {

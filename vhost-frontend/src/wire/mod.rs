@@ -12,14 +12,18 @@
 //!  flags: bits 0-1 version (always 1), bit 2 REPLY, bit 3 NEED_REPLY, others reserved (must be 0)
 //! ```
 //!
-//! This module and its children `payload` and `message` do no I/O: they turn bytes into typed values
-//! (with exact-size and range checks) and back, so the backend, the frontend and the fuzz targets share
-//! them. [`inflight`] is the layout of the shared inflight region (GET/SET_INFLIGHT_FD) and a
-//! checked, read-only view of it. [`socket`] moves the bytes and fds over a `UnixStream`.
+//! This module and its children `payload`, `message` (requests, [`FrontendMessage`]) and `reply`
+//! (replies, [`BackendReply`]) do no I/O: they turn bytes into typed values (with exact-size and
+//! range checks) and back, so the backend, the frontend and the fuzz targets share them. Both message
+//! types have `encode` and `decode`, tested to round-trip, so what one side sends is by construction
+//! what the other side's decoder accepts. [`inflight`] is the layout of the shared inflight region
+//! (GET/SET_INFLIGHT_FD) and a checked, read-only view of it. [`socket`] moves the bytes and fds over
+//! a `UnixStream`.
 
 pub mod inflight;
 mod message;
 mod payload;
+mod reply;
 pub mod socket;
 
 pub use inflight::{InflightError, InflightLayout, InflightRegion, PackedInflightRegion};
@@ -29,6 +33,7 @@ pub use payload::{
     VringAddr, VringFdIndex, VringState, MAX_CONFIG_SIZE, MAX_MEMORY_REGIONS, MAX_QUEUES,
     MAX_QUEUE_SIZE, VHOST_VRING_F_LOG,
 };
+pub use reply::{BackendReply, ReplyKind};
 pub use socket::{recv_message, recv_message_by, send_message, send_message_by};
 
 /// Bytes in a message header.
@@ -93,6 +98,22 @@ pub enum ProtocolError {
     UnexpectedControl { level: i32, kind: i32 },
     #[error("{what}: {detail}")]
     BadValue { what: &'static str, detail: String },
+    /// A reply whose header names another request than the one it should answer.
+    #[error("reply carries request code {code} ({})", request_name(*.code))]
+    ReplyToOtherRequest { code: u32 },
+    /// A message read where a reply was due, without the REPLY flag.
+    #[error("REPLY flag missing (flags {flags:#x})")]
+    ReplyFlagMissing { flags: u32 },
+    /// A reply with another number of fds than its kind carries.
+    #[error("{got} fds attached to the reply, expected {expected}")]
+    WrongReplyFdCount { expected: usize, got: usize },
+}
+
+/// The spec name of a wire code, for error text.
+fn request_name(code: u32) -> &'static str {
+    Request::from_code(code)
+        .map(Request::name)
+        .unwrap_or("an unknown request")
 }
 
 /// Everything that can go wrong reading, writing or decoding a message.
@@ -364,6 +385,31 @@ pub(crate) fn le_u64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
     u64::from_le_bytes(a)
+}
+
+/// Fd helpers for the round-trip tests of `message` and `reply`.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
+    use std::os::unix::fs::MetadataExt;
+
+    /// A fresh memfd: unlike eventfds (which share one anonymous inode) each has an inode of its
+    /// own, so [`fd_identity`] tells them apart.
+    pub(crate) fn memfd() -> OwnedFd {
+        // SAFETY: the name is a valid C string; the result is checked before being owned.
+        let fd = unsafe { libc::memfd_create(c"wire-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: fd is fresh and owned by nobody else.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    /// Which open file `fd` is (device and inode): the same for an fd and its copy passed over a
+    /// socket.
+    pub(crate) fn fd_identity(fd: BorrowedFd<'_>) -> (u64, u64) {
+        let file = std::fs::File::from(fd.try_clone_to_owned().expect("dup"));
+        let meta = file.metadata().expect("fstat");
+        (meta.dev(), meta.ino())
+    }
 }
 
 #[cfg(test)]
