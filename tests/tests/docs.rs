@@ -19,7 +19,11 @@ fn the_inflight_walkthrough_diagram_is_generated_from_its_trace() {
         ])
         .output()
         .expect("run trace-to-mermaid (python3)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let generated = String::from_utf8(out.stdout).expect("UTF-8 diagram");
     let page = std::fs::read_to_string(docs.join("inflight.md")).expect("docs/inflight.md");
     let block = page
@@ -43,6 +47,14 @@ fn the_inflight_walkthrough_diagram_is_generated_from_its_trace() {
     ] {
         assert!(generated.contains(step), "the diagram lacks '{step}'");
     }
-    assert_eq!(generated.matches("GET_INFLIGHT_FD num_queues").count(), 1, "one GET only");
-    assert_eq!(generated.matches("SET_INFLIGHT_FD num_queues").count(), 2, "a SET per start");
+    assert_eq!(
+        generated.matches("GET_INFLIGHT_FD num_queues").count(),
+        1,
+        "one GET only"
+    );
+    assert_eq!(
+        generated.matches("SET_INFLIGHT_FD num_queues").count(),
+        2,
+        "a SET per start"
+    );
 }

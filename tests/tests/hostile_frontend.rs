@@ -1,7 +1,8 @@
 //! Hostile frontends over a raw unix socket against the real `vmm blk-backend` process: each
 //! misbehaves, then the backend must still be alive, serve a fresh well-behaved frontend (the
 //! test guest's `blk-write-verify` through `vmm run --blk socket=...`) and hold exactly the fds it
-//! held before (/proc/PID/fd).
+//! held before (/proc/PID/fd). The same raw frontend also kills the backend mid-I/O and restarts
+//! it, to check inflight recovery with a real SIGKILL.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -14,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use integration_tests::{run_guest_with_blk_socket, vmm_bin, zero_image, ChildGuard, TempDir};
 use vhost_frontend::wire::{
-    recv_message, send_message, Header, MemoryRegion, MemoryTable, Request, U64Payload, VringAddr,
-    VringFdIndex, VringState,
+    recv_message, send_message, Header, InflightDescription, InflightRegion, MemoryRegion,
+    MemoryTable, Request, U64Payload, VringAddr, VringFdIndex, VringState,
 };
 
 /// Every bounded wait: long enough for a loaded machine, short enough to fail loudly on a hang.
@@ -28,13 +29,25 @@ const FULL: u64 = 0xffff_ffff_ffff_fffe;
 /// `vmm blk-backend` with its logs on (VMM_LOG=info) and listening.
 fn backend(dir: &TempDir, socket: &Path) -> (ChildGuard, u32) {
     let image = zero_image(dir, "disk.img", 16 << 20);
+    backend_on(dir, socket, &image, &[], "backend.log")
+}
+
+/// `vmm blk-backend` on `image` with `extra` arguments, logging (VMM_LOG=info) into `log`.
+fn backend_on(
+    dir: &TempDir,
+    socket: &Path,
+    image: &Path,
+    extra: &[&str],
+    log: &str,
+) -> (ChildGuard, u32) {
     let mut c = Command::new(vmm_bin());
     c.args(["blk-backend", "--socket"])
         .arg(socket)
         .arg("--file")
-        .arg(&image)
+        .arg(image)
+        .args(extra)
         .env("VMM_LOG", "info");
-    let mut g = ChildGuard::spawn(&mut c, "vmm blk-backend", dir.path("backend.log"));
+    let mut g = ChildGuard::spawn(&mut c, "vmm blk-backend", dir.path(log));
     g.wait_for_listening_socket(socket, Duration::from_secs(10));
     let pid = g.pid();
     (g, pid)
@@ -44,6 +57,21 @@ fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("backend's /proc fd dir")
         .count()
+}
+
+/// The backend's fd count comes back to `expected` within a second. Not a single read: the
+/// backend closes its copy of an fd it sent just after sendmsg returns, which may be after we
+/// received the reply.
+fn assert_fd_count_settles(pid: u32, expected: usize, what: &str) {
+    let start = Instant::now();
+    while fd_count(pid) != expected {
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{what}: the backend holds {} fds, expected {expected}",
+            fd_count(pid)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// After the hostile session: the backend is alive, its fd count is back to `baseline`, and a
@@ -156,6 +184,24 @@ impl Raw {
         assert_eq!(self.acked(Request::SetOwner, &[], &[]), 0);
     }
 
+    /// GET_INFLIGHT_FD with NEED_REPLY: the reply payload and its fds.
+    fn get_inflight(&self, num_queues: u16, queue_size: u16) -> (Vec<u8>, Vec<OwnedFd>) {
+        let asked = InflightDescription {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues,
+            queue_size,
+        };
+        self.send(Request::GetInflightFd, &asked.encode(), &[], true);
+        let (header, payload, fds) = recv_message(&self.0).expect("GET_INFLIGHT_FD reply");
+        assert_eq!(header.request, Request::GetInflightFd.code());
+        (payload, fds)
+    }
+
+    fn set_inflight(&self, description: &InflightDescription, fd: BorrowedFd<'_>) -> u64 {
+        self.acked(Request::SetInflightFd, &description.encode(), &[fd])
+    }
+
     fn ring_addr(&self, desc: u64, avail: u64, used: u64) -> u64 {
         let addr = VringAddr {
             index: 0,
@@ -170,9 +216,23 @@ impl Raw {
 }
 
 fn memfd(size: u64) -> File {
+    memfd_with(size, libc::MFD_CLOEXEC)
+}
+
+/// A memfd of `size` bytes sealed against any change of size, as inflight memfds are.
+fn sealed_memfd(size: u64) -> File {
+    let file = memfd_with(size, libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING);
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    // SAFETY: F_ADD_SEALS with an integer argument on an fd we own.
+    let added = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    assert_eq!(added, 0, "F_ADD_SEALS");
+    file
+}
+
+fn memfd_with(size: u64, flags: libc::c_uint) -> File {
     let name = CString::new("hostile-ram").unwrap();
     // SAFETY: a valid NUL-terminated name; memfd_create has no other inputs.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
     // SAFETY: the fd was just created and is owned by nobody else.
     let file = unsafe { File::from_raw_fd(fd) };
@@ -481,4 +541,323 @@ fn a_memory_fd_shrunk_under_the_session_cannot_kill_the_backend() {
     );
     assert_backend_recovers(&mut g, pid, baseline, &socket);
     assert!(target_untouched());
+}
+
+/// Hostile GET/SET_INFLIGHT_FD values against the real backend (1 queue, rings up to 1024): each
+/// gets a failure ack, the backend keeps its fd count through every one (no received fd or
+/// memfd of its own left open: the CVE-2022-0669 and CVE-2020-10726 classes), allocates nothing
+/// from the values (4096 x 32768 would be 2 GiB), closes the connection for a bad SET without
+/// NEED_REPLY, and serves the next frontend.
+#[test]
+fn hostile_inflight_messages_are_refused_without_leaking_fds() {
+    let dir = TempDir::new("hostile-inflight");
+    let socket = dir.path("blk.sock");
+    let (mut g, pid) = backend(&dir, &socket);
+    let baseline = fd_count(pid);
+    {
+        let fe = Raw::connect(&socket);
+        fe.handshake();
+        let in_session = fd_count(pid);
+        for (queues, size) in [
+            (0, 128),
+            (2, 128),
+            (u16::MAX, u16::MAX),
+            (4096, 32768),
+            (1, 0),
+            (1, 100),
+            (1, 2048),
+        ] {
+            let (payload, fds) = fe.get_inflight(queues, size);
+            assert_eq!(
+                (U64Payload::decode(&payload).unwrap().0, fds.len()),
+                (1, 0),
+                "GET {queues}x{size}"
+            );
+            assert_fd_count_settles(pid, in_session, &format!("GET {queues}x{size}"));
+        }
+        // Repeated good GETs: each a new sealed region; none kept by the backend.
+        for _ in 0..3 {
+            let (payload, fds) = fe.get_inflight(1, 128);
+            let reply = InflightDescription::decode(&payload).unwrap();
+            assert_eq!(
+                (reply.mmap_size, reply.mmap_offset, fds.len()),
+                (2112, 0, 1)
+            );
+            assert_fd_count_settles(pid, in_session, "repeated GET");
+        }
+        let good = InflightDescription {
+            mmap_size: 2112,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: 128,
+        };
+        let sealed = sealed_memfd(8192);
+        let unsealed = memfd(8192);
+        let (sock, _peer) = UnixStream::pair().unwrap();
+        let pipe = blocking_eventfd(0); // not a file either
+        let hostile: [(&str, InflightDescription, BorrowedFd<'_>); 12] = [
+            (
+                "no queues",
+                InflightDescription {
+                    num_queues: 0,
+                    ..good
+                },
+                sealed.as_fd(),
+            ),
+            (
+                "2 queues",
+                InflightDescription {
+                    num_queues: 2,
+                    ..good
+                },
+                sealed.as_fd(),
+            ),
+            (
+                "65535 queues",
+                InflightDescription {
+                    num_queues: u16::MAX,
+                    ..good
+                },
+                sealed.as_fd(),
+            ),
+            (
+                "queue size 96",
+                InflightDescription {
+                    queue_size: 96,
+                    ..good
+                },
+                sealed.as_fd(),
+            ),
+            (
+                "queue size 65535",
+                InflightDescription {
+                    queue_size: u16::MAX,
+                    ..good
+                },
+                sealed.as_fd(),
+            ),
+            (
+                "mmap_size too small",
+                InflightDescription {
+                    mmap_size: 64,
+                    ..good
+                },
+                sealed.as_fd(),
+            ),
+            (
+                "offset + size overflows",
+                InflightDescription {
+                    mmap_offset: 4096,
+                    mmap_size: u64::MAX,
+                    ..good
+                },
+                sealed.as_fd(),
+            ),
+            (
+                "offset past the file",
+                InflightDescription {
+                    mmap_offset: 1 << 30,
+                    ..good
+                },
+                sealed.as_fd(),
+            ),
+            (
+                "unaligned offset",
+                InflightDescription {
+                    mmap_offset: 100,
+                    ..good
+                },
+                sealed.as_fd(),
+            ),
+            ("an unsealed memfd", good, unsealed.as_fd()),
+            ("a socket", good, sock.as_fd()),
+            ("an eventfd", good, pipe.as_fd()),
+        ];
+        for (what, description, fd) in hostile {
+            assert_ne!(fe.set_inflight(&description, fd), 0, "{what}");
+            assert_fd_count_settles(pid, in_session, &format!("{what}: an fd stayed open"));
+        }
+        // A good SET is accepted (and its fd closed too: the mapping is not an fd).
+        assert_eq!(fe.set_inflight(&good, sealed.as_fd()), 0);
+        assert_fd_count_settles(pid, in_session, "after the hostile messages");
+        // Without NEED_REPLY, a bad SET ends this connection.
+        let bad = InflightDescription {
+            num_queues: 9,
+            ..good
+        };
+        fe.send(
+            Request::SetInflightFd,
+            &bad.encode(),
+            &[sealed.as_fd()],
+            false,
+        );
+        assert!(recv_message(&fe.0).is_err(), "the session went on");
+    }
+    g.assert_running();
+    assert_backend_recovers(&mut g, pid, baseline, &socket);
+}
+
+/// Inflight recovery with a real kill: 64 writes on a ring of 256, completions delayed
+/// (`--delay-completions`) so they finish out of order, the backend SIGKILLed once a few have
+/// completed, a new backend process started; the frontend hands it the same region (SET, no GET)
+/// and SET_VRING_BASE = used idx, as QEMU does after a crash. Every write completes exactly once,
+/// with its data on the disk.
+#[test]
+fn a_backend_killed_mid_io_recovers_every_request_after_restart() {
+    const N: u64 = 64;
+    const RING: u16 = 256;
+    let (desc, avail, used) = (0x1000u64, 0x2000u64, 0x3000u64);
+    let header_at = |n: u64| 0x10000 + n * 0x100;
+    let status_at = |n: u64| header_at(n) + 0x20;
+    let data_at = |n: u64| 0x40000 + n * 0x1000;
+    let block = |n: u64| -> Vec<u8> { (0..4096u64).map(|i| ((n * 31 + i) % 251) as u8).collect() };
+    let dir = TempDir::new("inflight-kill");
+    let socket = dir.path("blk.sock");
+    let image = zero_image(&dir, "disk.img", 16 << 20);
+    let delay = ["--delay-completions", "2000-20000"];
+    let ram = memfd(RAM);
+    for n in 0..N {
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&1u32.to_le_bytes()); // VIRTIO_BLK_T_OUT
+        header[8..16].copy_from_slice(&(n * 8).to_le_bytes()); // block n
+        ram.write_all_at(&header, header_at(n)).unwrap();
+        ram.write_all_at(&block(n), data_at(n)).unwrap();
+        ram.write_all_at(&[0xff], status_at(n)).unwrap();
+        let d = 3 * n;
+        write_descriptor(
+            &ram,
+            desc,
+            d,
+            header_at(n),
+            16,
+            VIRTQ_DESC_F_NEXT,
+            (d + 1) as u16,
+        );
+        write_descriptor(
+            &ram,
+            desc,
+            d + 1,
+            data_at(n),
+            4096,
+            VIRTQ_DESC_F_NEXT,
+            (d + 2) as u16,
+        );
+        write_descriptor(&ram, desc, d + 2, status_at(n), 1, VIRTQ_DESC_F_WRITE, 0);
+        ram.write_all_at(&(d as u16).to_le_bytes(), avail + 4 + 2 * n)
+            .unwrap();
+    }
+    let table = MemoryTable {
+        regions: vec![MemoryRegion {
+            guest_phys_addr: 0,
+            memory_size: RAM,
+            userspace_addr: VA,
+            mmap_offset: 0,
+        }],
+    };
+    // One session's set-up, in QEMU's order; returns the frontend and its kick fd.
+    let start = |region: Option<(&InflightDescription, BorrowedFd<'_>)>, base: u16| {
+        let fe = Raw::connect(&socket);
+        fe.handshake();
+        let (description, fd) = region.expect("a region");
+        assert_eq!(fe.set_inflight(description, fd), 0);
+        assert_eq!(
+            fe.acked(Request::SetMemTable, &table.encode(), &[ram.as_fd()]),
+            0
+        );
+        assert_eq!(fe.vring(Request::SetVringNum, 0, u32::from(RING)), 0);
+        assert_eq!(fe.vring(Request::SetVringBase, 0, u32::from(base)), 0);
+        assert_eq!(fe.ring_addr(desc, avail, used), 0);
+        let kick = blocking_eventfd(0);
+        let call = blocking_eventfd(0);
+        assert_eq!(fe.vring_fd(Request::SetVringKick, kick.as_fd()), 0);
+        assert_eq!(fe.vring_fd(Request::SetVringCall, call.as_fd()), 0);
+        assert_eq!(fe.vring(Request::SetVringEnable, 0, 1), 0);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to an fd we own.
+        let written = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), 8) };
+        assert_eq!(written, 8);
+        (fe, kick, call)
+    };
+    let used_idx = || read_u16(&ram, used + 2);
+
+    // First backend: GET a region, publish everything, kill it once a few writes completed.
+    let (mut first, first_pid) = backend_on(&dir, &socket, &image, &delay, "first.log");
+    let fe = Raw::connect(&socket);
+    fe.handshake();
+    let (payload, mut fds) = fe.get_inflight(1, RING);
+    let description = InflightDescription::decode(&payload).unwrap();
+    assert_eq!(fds.len(), 1);
+    let region_fd = fds.pop().unwrap();
+    drop(fe);
+    ram.write_all_at(&(N as u16).to_le_bytes(), avail + 2)
+        .unwrap();
+    let session = start(Some((&description, region_fd.as_fd())), 0);
+    let t = Instant::now();
+    while used_idx() < 8 {
+        assert!(t.elapsed() < T, "no completions; log:\n{}", first.log());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: kill with integer arguments, on the child we started (not yet reaped).
+    let killed = unsafe { libc::kill(first_pid as libc::pid_t, libc::SIGKILL) };
+    assert_eq!(killed, 0);
+    let t = Instant::now();
+    while first.exited().is_none() {
+        assert!(t.elapsed() < T, "the killed backend did not exit");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(session);
+    let seen = used_idx();
+    assert!(u64::from(seen) < N, "everything completed before the kill");
+    let region_bytes = {
+        let mut b = vec![0u8; description.mmap_size as usize];
+        File::from(region_fd.try_clone().unwrap())
+            .read_exact_at(&mut b, 0)
+            .unwrap();
+        b
+    };
+    let left = InflightRegion::new(&region_bytes, 1, RING)
+        .unwrap()
+        .queue(0)
+        .unwrap();
+    assert!(left.inflight_count() > 0, "nothing in flight at the kill");
+
+    // Second backend: a new process, given the same region with SET only.
+    let (mut second, _) = backend_on(&dir, &socket, &image, &delay, "second.log");
+    let session = start(Some((&description, region_fd.as_fd())), seen);
+    let t = Instant::now();
+    while u64::from(used_idx()) < N {
+        second.assert_running();
+        assert!(
+            t.elapsed() < T,
+            "used idx stuck at {}; log:\n{}",
+            used_idx(),
+            second.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Nothing more arrives: a repeated request would push the used idx past N.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(u64::from(used_idx()), N, "a request completed twice");
+    let mut heads: Vec<u32> = (0..N)
+        .map(|i| {
+            let mut id = [0u8; 4];
+            ram.read_exact_at(&mut id, used + 4 + 8 * i).unwrap();
+            u32::from_le_bytes(id)
+        })
+        .collect();
+    heads.sort_unstable();
+    assert_eq!(heads, (0..N as u32).map(|n| 3 * n).collect::<Vec<_>>());
+    let disk = File::open(&image).unwrap();
+    for n in 0..N {
+        let mut status = [0u8; 1];
+        ram.read_exact_at(&mut status, status_at(n)).unwrap();
+        assert_eq!(status[0], 0, "request {n} status");
+        let mut got = vec![0u8; 4096];
+        disk.read_exact_at(&mut got, n * 4096).unwrap();
+        assert!(got == block(n), "block {n} on disk");
+    }
+    let log = second.log();
+    assert!(log.contains("resubmitting"), "{log}");
+    drop(session);
+    second.assert_running();
 }

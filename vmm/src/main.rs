@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use devices::blk::backend::CompletionDelay;
 use devices::blk::{BlkBackend, BlkBackendConfig};
 use vmm::config::{self, VmConfig};
 use vmm::vm::Vm;
@@ -65,6 +66,15 @@ enum Command {
         /// Largest queue size accepted (a power of two).
         #[arg(long, default_value_t = 1024)]
         queue_size: u16,
+        /// Test option: hold each finished request a random MIN_US..=MAX_US microseconds before
+        /// completing it, so completions land out of order and a kill finds requests in flight
+        /// (for inflight-recovery tests). Slows every request down; not for real use.
+        #[arg(long, value_name = "MIN_US-MAX_US")]
+        delay_completions: Option<CompletionDelay>,
+        /// Do not offer inflight tracking (INFLIGHT_SHMFD): a backend killed then loses what it
+        /// had in flight, as one without tracking would. For measuring what tracking costs.
+        #[arg(long)]
+        no_inflight: bool,
     },
     /// Show the virtual CPU `vmm run` gives its guests: the CPUID table (every change to KVM's
     /// marked) and the MSRs, or the rules behind it, or KVM's own table for capturing test data.
@@ -124,6 +134,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             readonly,
             queues,
             queue_size,
+            delay_completions,
+            no_inflight,
         } => {
             let cfg = BlkBackendConfig {
                 path: file,
@@ -131,7 +143,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 num_queues: queues,
                 queue_size,
             };
-            BlkBackend::listen(cfg, &socket)?;
+            BlkBackend::open(cfg)?
+                .with_completion_delay(delay_completions)
+                .with_inflight(!no_inflight)
+                .listen_on(&socket)?;
             Ok(0)
         }
         Command::Cpuid {

@@ -12,7 +12,15 @@
 //!  SET_VRING_KICK/CALL/ERR (+ eventfd)    guest->backend doorbell, backend->guest interrupt, errors
 //!  SET_VRING_ENABLE 1                     the ring runs: data flows without the frontend
 //!  GET_VRING_BASE                         stop the ring; reply: where it stopped
+//!  GET_INFLIGHT_FD -> (+ one memfd)       a fresh inflight region for the frontend to keep
+//!  SET_INFLIGHT_FD (+ that fd)            track requests in it; after a crash: recover them
 //! ```
+//!
+//! With INFLIGHT_SHMFD (see `inflight`) a backend that was killed and restarted gets the
+//! frontend's region back with SET_INFLIGHT_FD, no GET before it, and each ring resubmits what
+//! the dead backend had taken from the avail ring and not completed. GET_VRING_BASE still drains
+//! every in-flight request before it answers, as the spec requires without
+//! GET_VRING_BASE_INFLIGHT (bit 20, not offered).
 //!
 //! Replies: GET_* messages always get one. With the REPLY_ACK protocol feature the frontend may set
 //! NEED_REPLY on any other message and then gets a u64: 0 for success, non-zero for failure.
@@ -29,7 +37,7 @@
 //! disk just as well by behaving. Who may connect at all is decided by the socket's permissions.
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -40,25 +48,30 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use vhost_frontend::features::{
     bit_mask, describe_device_features, describe_protocol_features, has, PROTOCOL_CONFIG,
-    PROTOCOL_MQ, PROTOCOL_REPLY_ACK, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_ID_BLOCK,
-    VIRTIO_RING_F_INDIRECT_DESC,
+    PROTOCOL_INFLIGHT_SHMFD, PROTOCOL_MQ, PROTOCOL_REPLY_ACK, VHOST_USER_F_PROTOCOL_FEATURES,
+    VIRTIO_ID_BLOCK, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use vhost_frontend::trace::{describe_device_message, Direction};
 use vhost_frontend::wire::{
-    recv_message_by, send_message_by, ConfigSpace, FrontendMessage, Header, PeerGone, Request,
-    U64Payload, VringAddr, VringState, WireError, FLAG_REPLY, VERSION, VHOST_VRING_F_LOG,
+    recv_message_by, send_message_by, ConfigSpace, FrontendMessage, Header, InflightDescription,
+    PeerGone, Request, U64Payload, VringAddr, VringState, WireError, FLAG_REPLY, VERSION,
+    VHOST_VRING_F_LOG,
 };
 
 use super::config::{offered_virtio_features, BlkConfig};
 use super::disk::Disk;
+use super::inflight::{checked_region_size, new_region_memfd, InflightLimits, InflightMap};
 use super::memory::{MappedMemory, RegionLayout};
 use super::vring::{eventfd_from_peer, RunContext, UserRingAddresses, Vring};
 
+pub use super::queue_worker::{CompletionDelay, CompletionDelayError};
 pub use vhost_frontend::wire::{MAX_QUEUES, MAX_QUEUE_SIZE};
 
-/// The protocol features offered. INFLIGHT_SHMFD comes with inflight tracking (a later change).
-pub const OFFERED_PROTOCOL_FEATURES: u64 =
-    bit_mask(PROTOCOL_MQ) | bit_mask(PROTOCOL_REPLY_ACK) | bit_mask(PROTOCOL_CONFIG);
+/// The protocol features offered.
+pub const OFFERED_PROTOCOL_FEATURES: u64 = bit_mask(PROTOCOL_MQ)
+    | bit_mask(PROTOCOL_REPLY_ACK)
+    | bit_mask(PROTOCOL_CONFIG)
+    | bit_mask(PROTOCOL_INFLIGHT_SHMFD);
 
 /// How long a frontend has, from connecting, to complete the handshake (send SET_OWNER) before
 /// it is dropped; see the module docs for what it may hold afterwards.
@@ -116,11 +129,15 @@ pub struct BlkBackend {
     num_queues: u16,
     queue_size: u16,
     handshake_timeout: Duration,
+    completion_delay: Option<CompletionDelay>,
+    /// Offer INFLIGHT_SHMFD (the default; `--no-inflight` measures what tracking costs).
+    inflight: bool,
 }
 
 impl BlkBackend {
     /// Checks the configuration and opens the image (once, for every session).
     pub fn open(cfg: BlkBackendConfig) -> Result<Self, BlkError> {
+        let _ = super::queue_worker::BACKEND_STARTED.set(Instant::now());
         if cfg.num_queues == 0 || cfg.num_queues > MAX_QUEUES {
             return Err(BlkError::InvalidConfig(format!(
                 "num_queues {} is not in 1..={MAX_QUEUES}",
@@ -150,6 +167,8 @@ impl BlkBackend {
             num_queues: cfg.num_queues,
             queue_size: cfg.queue_size,
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            completion_delay: None,
+            inflight: true,
         })
     }
 
@@ -157,6 +176,39 @@ impl BlkBackend {
     pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
         self.handshake_timeout = timeout;
         self
+    }
+
+    /// Test option (`vmm blk-backend --delay-completions`): each finished request waits a random
+    /// time in the range before it is published, so completions land out of order and a backend
+    /// killed at any moment has requests in flight (what inflight recovery is tested with). The
+    /// in-process fallback and the standalone backend run the same code.
+    pub fn with_completion_delay(mut self, delay: Option<CompletionDelay>) -> Self {
+        self.completion_delay = delay;
+        self
+    }
+
+    /// Whether to offer INFLIGHT_SHMFD (`vmm blk-backend --no-inflight`: for measuring what
+    /// tracking costs, and for testing frontends against a backend that keeps no region).
+    pub fn with_inflight(mut self, inflight: bool) -> Self {
+        self.inflight = inflight;
+        self
+    }
+
+    /// The protocol features offered in GET_PROTOCOL_FEATURES.
+    pub fn offered_protocol_features(&self) -> u64 {
+        if self.inflight {
+            OFFERED_PROTOCOL_FEATURES
+        } else {
+            OFFERED_PROTOCOL_FEATURES & !bit_mask(PROTOCOL_INFLIGHT_SHMFD)
+        }
+    }
+
+    /// What a GET/SET_INFLIGHT_FD may ask for: this device's queues and ring limit.
+    fn inflight_limits(&self) -> InflightLimits {
+        InflightLimits {
+            device_queues: self.num_queues,
+            max_queue_size: self.queue_size.min(MAX_QUEUE_SIZE),
+        }
     }
 
     /// The virtio feature bits offered in GET_FEATURES.
@@ -200,11 +252,15 @@ impl BlkBackend {
     pub fn spawn_in_process(
         cfg: BlkBackendConfig,
     ) -> Result<(UnixStream, JoinHandle<Result<(), BlkError>>), BlkError> {
-        let backend = BlkBackend::open(cfg)?;
+        BlkBackend::open(cfg)?.spawn()
+    }
+
+    /// [`BlkBackend::spawn_in_process`] with this (opened, perhaps configured) backend.
+    pub fn spawn(self) -> Result<(UnixStream, JoinHandle<Result<(), BlkError>>), BlkError> {
         let (frontend_end, backend_end) = UnixStream::pair().map_err(BlkError::Spawn)?;
         let handle = thread::Builder::new()
             .name("blk-backend".into())
-            .spawn(move || backend.serve(backend_end))
+            .spawn(move || self.serve(backend_end))
             .map_err(BlkError::Spawn)?;
         Ok((frontend_end, handle))
     }
@@ -273,6 +329,8 @@ enum Reply {
     Ack,
     /// The reply payload of a GET_* message.
     Payload(Vec<u8>),
+    /// A reply payload with one fd (GET_INFLIGHT_FD); ours is closed once it is sent.
+    PayloadWithFd(Vec<u8>, OwnedFd),
 }
 
 /// Why a message was not accepted.
@@ -290,6 +348,8 @@ struct Session<'a> {
     acked_features: u64,
     protocol_features: u64,
     memory: Option<MappedMemory>,
+    /// The SET_INFLIGHT_FD region (a running ring's worker holds it too, until it stops).
+    inflight: Option<Arc<InflightMap>>,
     vrings: Vec<Vring>,
     /// Until SET_OWNER: when the handshake must be done; bounds every receive and send.
     handshake_deadline: Option<Instant>,
@@ -303,6 +363,7 @@ impl<'a> Session<'a> {
             acked_features: 0,
             protocol_features: 0,
             memory: None,
+            inflight: None,
             vrings: (0..backend.num_queues).map(Vring::new).collect(),
             // Saturating: an absurd timeout from a caller means "no bound", not a panic.
             handshake_deadline: Instant::now().checked_add(backend.handshake_timeout),
@@ -361,9 +422,21 @@ impl<'a> Session<'a> {
         match reply {
             Reply::Payload(payload) => {
                 let header = Header::for_reply(request, payload.len());
-                trace_reply(&header, &payload);
+                trace_reply(&header, &payload, 0);
                 send_message_by(self.stream, &header, &payload, &[], self.handshake_deadline)
                     .map_err(|e| self.wire_end(e))?;
+            }
+            Reply::PayloadWithFd(payload, fd) => {
+                let header = Header::for_reply(request, payload.len());
+                trace_reply(&header, &payload, 1);
+                send_message_by(
+                    self.stream,
+                    &header,
+                    &payload,
+                    &[fd.as_fd()],
+                    self.handshake_deadline,
+                )
+                .map_err(|e| self.wire_end(e))?;
             }
             Reply::Ack if header.need_reply() => self.send_ack(header.request, 0)?,
             Reply::Ack => {}
@@ -406,7 +479,7 @@ impl<'a> Session<'a> {
             flags: VERSION | FLAG_REPLY,
             size: payload.len() as u32,
         };
-        trace_reply(&header, &payload);
+        trace_reply(&header, &payload, 0);
         send_message_by(self.stream, &header, &payload, &[], self.handshake_deadline)
             .map_err(|e| self.wire_end(e))?;
         Ok(())
@@ -422,7 +495,7 @@ impl<'a> Session<'a> {
                 self.reset();
                 Ok(Reply::Ack)
             }
-            M::GetProtocolFeatures => Ok(u64_reply(OFFERED_PROTOCOL_FEATURES)),
+            M::GetProtocolFeatures => Ok(u64_reply(self.backend.offered_protocol_features())),
             M::SetProtocolFeatures(features) => self.set_protocol_features(features),
             M::GetQueueNum => Ok(u64_reply(u64::from(self.backend.num_queues))),
             M::GetConfig(window) => Ok(self.get_config(&window)),
@@ -506,6 +579,8 @@ impl<'a> Session<'a> {
             M::SetVringEnable { index, enable } => {
                 self.reconfigure(index, |v| v.set_enabled(enable))
             }
+            M::GetInflightFd(description) => self.get_inflight_fd(&description),
+            M::SetInflightFd { description, fd } => self.set_inflight_fd(&description, fd),
             other => Err(Failure::Breach(format!(
                 "{} is not supported by this backend (not offered)",
                 other.request()
@@ -530,10 +605,11 @@ impl<'a> Session<'a> {
     }
 
     fn set_protocol_features(&mut self, features: u64) -> Result<Reply, Failure> {
-        if features & !OFFERED_PROTOCOL_FEATURES != 0 {
+        let offered = self.backend.offered_protocol_features();
+        if features & !offered != 0 {
             return Err(Failure::Breach(format!(
                 "sets protocol bits that were not offered: {}",
-                describe_protocol_features(features & !OFFERED_PROTOCOL_FEATURES)
+                describe_protocol_features(features & !offered)
             )));
         }
         info!(
@@ -541,6 +617,85 @@ impl<'a> Session<'a> {
             describe_protocol_features(features)
         );
         self.protocol_features = features;
+        Ok(Reply::Ack)
+    }
+
+    fn require_inflight_negotiated(&self) -> Result<(), Failure> {
+        if has(self.protocol_features, PROTOCOL_INFLIGHT_SHMFD) {
+            Ok(())
+        } else {
+            Err(Failure::Breach(
+                "INFLIGHT_SHMFD was not negotiated (SET_PROTOCOL_FEATURES)".into(),
+            ))
+        }
+    }
+
+    /// GET_INFLIGHT_FD: a new, sealed, zeroed region for the geometry asked, if it is within this
+    /// device's limits (never sized from unchecked peer values). Nothing is kept: the frontend
+    /// owns the region and hands it back with SET_INFLIGHT_FD (`inflight::new_region_memfd`).
+    fn get_inflight_fd(&mut self, asked: &InflightDescription) -> Result<Reply, Failure> {
+        self.require_inflight_negotiated()?;
+        let size = checked_region_size(
+            asked.num_queues,
+            asked.queue_size,
+            self.backend.inflight_limits(),
+        )
+        .map_err(|e| Failure::Breach(e.to_string()))?;
+        let reply = match new_region_memfd(size) {
+            Ok(fd) => {
+                info!(
+                    "inflight region created: {} queue(s) of {} entries, {size} bytes",
+                    asked.num_queues, asked.queue_size
+                );
+                let payload = InflightDescription {
+                    mmap_size: size,
+                    mmap_offset: 0,
+                    ..*asked
+                }
+                .encode();
+                Reply::PayloadWithFd(payload, fd)
+            }
+            // Our own failure (no memory, no fds), not the frontend's: "this backend keeps no
+            // inflight buffer" (mmap_size 0), after which QEMU carries on without tracking.
+            Err(e) => {
+                warn!("cannot create an inflight region ({e}); replying without one");
+                Reply::Payload(
+                    InflightDescription {
+                        mmap_size: 0,
+                        mmap_offset: 0,
+                        ..*asked
+                    }
+                    .encode(),
+                )
+            }
+        };
+        Ok(reply)
+    }
+
+    /// SET_INFLIGHT_FD: maps the frontend's region (every check in `InflightMap::map`; the fd is
+    /// closed on every path) and tracks every ring in it from the next start. A fresh backend gets
+    /// this without any GET before it: that is the restart after a crash, and each ring recovers
+    /// what the region records when it starts.
+    fn set_inflight_fd(
+        &mut self,
+        description: &InflightDescription,
+        fd: OwnedFd,
+    ) -> Result<Reply, Failure> {
+        self.require_inflight_negotiated()?;
+        let map = InflightMap::map(fd, description, self.backend.inflight_limits())
+            .map_err(|e| Failure::Breach(e.to_string()))?;
+        info!(
+            "inflight region set: {} queue(s) of {} entries",
+            description.num_queues, description.queue_size
+        );
+        for line in map.describe_queues() {
+            info!(target: "vhost", "{line}");
+        }
+        // Running rings drain and restart on the new region (recovering it), like a new memory
+        // table; the old region is unmapped once no worker holds it.
+        self.vrings.iter_mut().for_each(Vring::pause);
+        self.inflight = Some(map);
+        self.resume_all();
         Ok(Reply::Ack)
     }
 
@@ -636,6 +791,8 @@ impl<'a> Session<'a> {
             memory: self.memory.as_ref(),
             disk: &self.backend.disk,
             starts_disabled: has(self.acked_features, VHOST_USER_F_PROTOCOL_FEATURES),
+            inflight: self.inflight.as_ref(),
+            completion_delay: self.backend.completion_delay,
         };
         self.vrings[i].resume(&ctx);
     }
@@ -646,12 +803,14 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// RESET_OWNER / RESET_DEVICE: back to a fresh session (rings stopped, memory unmapped).
+    /// RESET_OWNER / RESET_DEVICE: back to a fresh session (rings stopped, memory and inflight
+    /// region unmapped; a frontend gets a new region with GET after a reset, as QEMU does).
     fn reset(&mut self) {
         info!("device reset: stopping every ring and dropping the memory table");
         self.vrings.iter_mut().for_each(Vring::pause);
         self.vrings = (0..self.backend.num_queues).map(Vring::new).collect();
         self.memory = None;
+        self.inflight = None;
         self.acked_features = 0;
     }
 }
@@ -659,7 +818,7 @@ impl<'a> Session<'a> {
 /// Names this side in trace lines (arrows are drawn from the frontend's point of view).
 const TRACE_NAME: &str = "blk-backend";
 
-fn trace_reply(header: &Header, payload: &[u8]) {
+fn trace_reply(header: &Header, payload: &[u8], fds: usize) {
     debug!(
         target: "vhost",
         "{}",
@@ -669,7 +828,7 @@ fn trace_reply(header: &Header, payload: &[u8]) {
             TRACE_NAME,
             header,
             payload,
-            0,
+            fds,
         )
     );
 }
@@ -682,7 +841,11 @@ fn u64_reply(value: u64) -> Reply {
 mod tests {
     use super::*;
     use crate::blk::config::CONFIG_SPACE_SIZE;
-    use crate::blk::test_util::{guest_memory, request_header, temp_path, wait_readable, TestRing};
+    use crate::blk::inflight::MEMFD_NAME;
+    use crate::blk::test_util::{
+        fds_referring_to, guest_memory, memfds_named, request_header, sealed_memfd, temp_path,
+        wait_readable, TestRing, INFLIGHT_MEMFD_LOCK,
+    };
     use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
     use std::time::Duration;
     use vhost_frontend::wire::{
@@ -865,6 +1028,392 @@ mod tests {
         assert!(disk.iter().all(|b| *b == 0xee), "the disk was written");
         // The frontend's end sees the connection closed.
         assert!(recv_message(&fe.stream).is_err());
+    }
+
+    impl FakeFrontend {
+        /// GET_INFLIGHT_FD; the raw reply (header, payload, fds).
+        fn get_inflight(
+            &self,
+            num_queues: u16,
+            queue_size: u16,
+            need_reply: bool,
+        ) -> (Header, Vec<u8>, Vec<OwnedFd>) {
+            let asked = InflightDescription {
+                mmap_size: 0,
+                mmap_offset: 0,
+                num_queues,
+                queue_size,
+            };
+            self.send(Request::GetInflightFd, &asked.encode(), &[], need_reply);
+            recv_message(&self.stream).expect("GET_INFLIGHT_FD reply")
+        }
+
+        fn set_inflight(&self, description: &InflightDescription, fd: &impl AsFd) -> u64 {
+            self.acked(Request::SetInflightFd, &description.encode(), &[fd.as_fd()])
+        }
+    }
+
+    fn inflight_backend_memfds() -> usize {
+        memfds_named(MEMFD_NAME.to_str().unwrap())
+    }
+
+    #[test]
+    fn get_inflight_fd_hands_out_a_sealed_region_and_keeps_nothing() {
+        let _lock = INFLIGHT_MEMFD_LOCK.lock().unwrap();
+        let path = disk_image(8);
+        let (fe, backend) = spawn(&path, false);
+        handshake(&fe);
+        for _ in 0..3 {
+            // Repeated GETs: each a new region; none stays open in the backend.
+            let (header, payload, fds) = fe.get_inflight(2, 128, false);
+            assert!(header.is_reply());
+            assert_eq!(header.request, Request::GetInflightFd.code());
+            let reply = InflightDescription::decode(&payload).unwrap();
+            assert_eq!(
+                reply,
+                InflightDescription {
+                    mmap_size: 2 * 2112,
+                    mmap_offset: 0,
+                    num_queues: 2,
+                    queue_size: 128,
+                }
+            );
+            assert_eq!(fds.len(), 1, "exactly one fd");
+            let file = std::fs::File::from(fds.into_iter().next().unwrap());
+            assert_eq!(file.metadata().unwrap().len(), 2 * 2112);
+            assert!(crate::blk::memory_faults::sealed_against_shrinking(
+                file.as_fd()
+            ));
+            assert_eq!(fe.get_u64(Request::GetQueueNum), 2);
+            assert_eq!(inflight_backend_memfds(), 1, "only the copy we received");
+        }
+        assert_eq!(inflight_backend_memfds(), 0);
+        drop(fe);
+        backend.join().unwrap().unwrap();
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// Every hostile GET/SET value gets a failure ack; the session stays usable, and no fd the
+    /// backend created or received stays open.
+    #[test]
+    fn hostile_inflight_messages_get_failure_acks_and_leak_no_fd() {
+        let _lock = INFLIGHT_MEMFD_LOCK.lock().unwrap();
+        let path = disk_image(64);
+        let (fe, backend) = spawn(&path, false);
+        handshake(&fe);
+        for (queues, size) in [
+            (0, 128),
+            (3, 128),
+            (u16::MAX, 128),
+            (1, 0),
+            (1, 100),
+            (1, 256),
+            (1, u16::MAX),
+        ] {
+            let (header, payload, fds) = fe.get_inflight(queues, size, true);
+            assert_eq!(header.request, Request::GetInflightFd.code());
+            assert_eq!(
+                U64Payload::decode(&payload).unwrap().0,
+                1,
+                "GET {queues}x{size}"
+            );
+            assert!(fds.is_empty());
+            assert_eq!(inflight_backend_memfds(), 0, "GET {queues}x{size}");
+        }
+        let good = InflightDescription {
+            mmap_size: 2112,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: 128,
+        };
+        let region = || sealed_memfd("fe-inflight", &[0u8; 8192]);
+        let (sock, _peer) = UnixStream::pair().unwrap();
+        let cases: Vec<(&str, InflightDescription, std::fs::File)> = vec![
+            (
+                "no queues",
+                InflightDescription {
+                    num_queues: 0,
+                    ..good
+                },
+                region(),
+            ),
+            (
+                "more queues than the device",
+                InflightDescription {
+                    num_queues: 3,
+                    ..good
+                },
+                region(),
+            ),
+            (
+                "65535 queues",
+                InflightDescription {
+                    num_queues: u16::MAX,
+                    ..good
+                },
+                region(),
+            ),
+            (
+                "queue size 0",
+                InflightDescription {
+                    queue_size: 0,
+                    ..good
+                },
+                region(),
+            ),
+            (
+                "queue size not a power of two",
+                InflightDescription {
+                    queue_size: 96,
+                    ..good
+                },
+                region(),
+            ),
+            (
+                "queue size 65535",
+                InflightDescription {
+                    queue_size: u16::MAX,
+                    ..good
+                },
+                region(),
+            ),
+            (
+                "mmap_size too small",
+                InflightDescription {
+                    mmap_size: 2048,
+                    ..good
+                },
+                region(),
+            ),
+            (
+                "offset + size overflows",
+                InflightDescription {
+                    mmap_offset: 4096,
+                    mmap_size: u64::MAX,
+                    ..good
+                },
+                region(),
+            ),
+            (
+                "offset past the file",
+                InflightDescription {
+                    mmap_offset: 1 << 20,
+                    ..good
+                },
+                region(),
+            ),
+            (
+                "an unsealed memfd",
+                good,
+                crate::blk::test_util::memfd("fe-unsealed", 8192),
+            ),
+        ];
+        for (what, description, file) in &cases {
+            assert_ne!(fe.set_inflight(description, file), 0, "{what}");
+            assert_eq!(
+                fds_referring_to(file),
+                1,
+                "{what}: the received fd was kept"
+            );
+        }
+        // Not a file at all: a socket.
+        assert_ne!(fe.set_inflight(&good, &sock), 0, "a socket");
+        assert_eq!(fds_referring_to(&sock), 1, "the received socket was kept");
+        // The session is still usable: a good region, a ring, a request through both.
+        let memfd = region();
+        assert_eq!(fe.set_inflight(&good, &memfd), 0);
+        assert_eq!(fds_referring_to(&memfd), 1, "mapped, and the fd closed");
+        let ram_size = 0x20_0000;
+        let (mem, ram) = guest_memory(ram_size);
+        let g = mem.guest().clone();
+        let mut ring = TestRing::new(128, 0x1000);
+        let (kick, call) = start_queue(&fe, &ram, ram_size, &ring);
+        g.write_slice(&request_header(VIRTIO_BLK_T_OUT, 1), GuestAddress(0x10000))
+            .unwrap();
+        ring.add_chain(
+            &g,
+            &[
+                (0x10000, 16, false),
+                (0x11000, 512, false),
+                (0x12000, 1, true),
+            ],
+        );
+        kick.write(1).unwrap();
+        wait_call(&call);
+        assert_eq!(ring.used_idx(&g), 1);
+        // Without NEED_REPLY a bad SET closes this connection.
+        fe.send(
+            Request::SetInflightFd,
+            &InflightDescription {
+                num_queues: 9,
+                ..good
+            }
+            .encode(),
+            &[memfd.as_fd()],
+            false,
+        );
+        assert!(matches!(
+            recv_message(&fe.stream),
+            Err(WireError::PeerGone(_))
+        ));
+        assert!(matches!(
+            backend.join().unwrap(),
+            Err(BlkError::Protocol(_))
+        ));
+        assert_eq!(fds_referring_to(&memfd), 1);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn inflight_messages_need_the_protocol_feature() {
+        let path = disk_image(8);
+        let (fe, backend) = spawn(&path, false);
+        let features = fe.get_u64(Request::GetFeatures);
+        fe.send(
+            Request::SetFeatures,
+            &U64Payload(features).encode(),
+            &[],
+            false,
+        );
+        let without = OFFERED_PROTOCOL_FEATURES & !bit_mask(PROTOCOL_INFLIGHT_SHMFD);
+        assert_eq!(
+            fe.acked(
+                Request::SetProtocolFeatures,
+                &U64Payload(without).encode(),
+                &[]
+            ),
+            0
+        );
+        let (_, payload, fds) = fe.get_inflight(1, 128, true);
+        assert_eq!((U64Payload::decode(&payload).unwrap().0, fds.len()), (1, 0));
+        let memfd = sealed_memfd("fe-inflight", &[0u8; 4096]);
+        let description = InflightDescription {
+            mmap_size: 2112,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: 128,
+        };
+        assert_ne!(fe.set_inflight(&description, &memfd), 0);
+        drop(fe);
+        backend.join().unwrap().unwrap();
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// The restart case: a fresh backend gets SET_INFLIGHT_FD with no GET before it, on a region
+    /// a killed backend left with head 0 inflight, and SET_VRING_BASE 0 (the used idx, as QEMU
+    /// sends after a crash) while the avail ring already says 1. The request runs once: resubmitted
+    /// from the region, not popped again.
+    #[test]
+    fn a_restarted_backend_resubmits_what_the_region_records() {
+        let path = disk_image(64);
+        let (fe, backend) = spawn(&path, false);
+        handshake(&fe);
+        let ram_size = 0x20_0000;
+        let (mem, ram) = guest_memory(ram_size);
+        let g = mem.guest().clone();
+        let mut ring = TestRing::new(128, 0x1000);
+        g.write_slice(&request_header(VIRTIO_BLK_T_OUT, 3), GuestAddress(0x10000))
+            .unwrap();
+        g.write_slice(&[0x3c; 512], GuestAddress(0x11000)).unwrap();
+        let head = ring.add_chain(
+            &g,
+            &[
+                (0x10000, 16, false),
+                (0x11000, 512, false),
+                (0x12000, 1, true),
+            ],
+        );
+        assert_eq!(head, 0);
+        // The dead backend's record: version 1, desc_num 128, used_idx 0, desc 0 inflight.
+        let mut bytes = vec![0u8; 4096];
+        bytes[8..10].copy_from_slice(&1u16.to_le_bytes());
+        bytes[10..12].copy_from_slice(&128u16.to_le_bytes());
+        bytes[16] = 1;
+        bytes[24..32].copy_from_slice(&5u64.to_le_bytes());
+        let region = sealed_memfd("fe-inflight", &bytes);
+        let description = InflightDescription {
+            mmap_size: 4096,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: 128,
+        };
+        assert_eq!(fe.set_inflight(&description, &region), 0);
+        let (kick, call) = start_queue(&fe, &ram, ram_size, &ring);
+        wait_call(&call);
+        assert_eq!(ring.used_idx(&g), 1);
+        assert_eq!(ring.used_elem(&g, 0), (0, 1));
+        kick.write(1).unwrap();
+        assert!(
+            !wait_readable(&call, Duration::from_millis(100)),
+            "ran twice"
+        );
+        assert_eq!(ring.used_idx(&g), 1);
+        assert_eq!(g.read_obj::<u8>(GuestAddress(0x12000)).unwrap(), 0);
+        assert_eq!(
+            &std::fs::read(&path).unwrap()[3 * 512..4 * 512],
+            &[0x3c; 512]
+        );
+        // GET_VRING_BASE reports where popping resumes: past the resubmitted request.
+        fe.send(
+            Request::GetVringBase,
+            &VringState { index: 0, num: 0 }.encode(),
+            &[],
+            false,
+        );
+        let base = VringState::decode(&fe.recv_reply(Request::GetVringBase)).unwrap();
+        assert_eq!(base.num, 1);
+        drop(fe);
+        backend.join().unwrap().unwrap();
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// QEMU sizes the inflight region by its queue-size property (128 by default) while a
+    /// virtio-mmio driver may set up a larger ring. Such a ring is served, untracked (with a
+    /// warning): refusing it would hang the guest, and writing past the region is out of bounds.
+    #[test]
+    fn a_ring_larger_than_the_inflight_region_is_served_untracked() {
+        let path = disk_image(64);
+        let (fe, backend) = spawn(&path, false);
+        handshake(&fe);
+        let ram_size = 0x20_0000;
+        let (mem, ram) = guest_memory(ram_size);
+        let g = mem.guest().clone();
+        let mut ring = TestRing::new(128, 0x1000);
+        g.write_slice(&request_header(VIRTIO_BLK_T_OUT, 2), GuestAddress(0x10000))
+            .unwrap();
+        g.write_slice(&[0x5e; 512], GuestAddress(0x11000)).unwrap();
+        ring.add_chain(
+            &g,
+            &[
+                (0x10000, 16, false),
+                (0x11000, 512, false),
+                (0x12000, 1, true),
+            ],
+        );
+        // A fresh region of 16 entries per queue, for a ring of 128.
+        let bytes = vec![0u8; 4096];
+        let region = sealed_memfd("fe-small-inflight", &bytes);
+        let description = InflightDescription {
+            mmap_size: 4096,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: 16,
+        };
+        assert_eq!(fe.set_inflight(&description, &region), 0);
+        let (_kick, call) = start_queue(&fe, &ram, ram_size, &ring);
+        wait_call(&call);
+        assert_eq!(ring.used_idx(&g), 1);
+        assert_eq!(
+            &std::fs::read(&path).unwrap()[2 * 512..3 * 512],
+            &[0x5e; 512]
+        );
+        // Not a byte of the region was written (no entry can be recorded for this ring).
+        let mut now = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&region, &mut now, 0).unwrap();
+        assert!(now.iter().all(|&b| b == 0), "the region was written");
+        drop(fe);
+        backend.join().unwrap().unwrap();
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
@@ -1051,11 +1600,11 @@ mod tests {
         assert_ne!(
             fe.acked(
                 Request::SetProtocolFeatures,
-                &U64Payload(1 << 12).encode(),
+                &U64Payload(1 << 20).encode(),
                 &[]
             ),
             0,
-            "INFLIGHT_SHMFD was not offered"
+            "GET_VRING_BASE_INFLIGHT was not offered"
         );
         assert_ne!(
             fe.acked(Request::SetFeatures, &U64Payload(1 << 34).encode(), &[]),

@@ -6,6 +6,7 @@
 //! - `memory`: guest memory mapped from the SET_MEM_TABLE fds, and address translation.
 //! - `memory_faults`: surviving a frontend that shrinks a memory fd under us (SIGBUS).
 //! - `peer_fd`: non-blocking use of the frontend's eventfds; escaping peer text for logs.
+//! - `inflight`: the shared inflight region (GET/SET_INFLIGHT_FD): tracking and crash recovery.
 //! - `queue_worker`: the data path of one virtqueue (kick → requests → used ring → call).
 //! - `vring`: what the frontend told us about one ring, and when it runs.
 //! - `backend`: the vhost-user protocol state machine and the public API.
@@ -13,6 +14,7 @@
 pub mod backend;
 pub mod config;
 pub mod disk;
+pub mod inflight;
 pub mod memory;
 pub mod memory_faults;
 pub mod peer_fd;

@@ -16,23 +16,30 @@
 //! memory table, SET_VRING_ENABLE 0) stops popping first, then waits until every popped request
 //! has reached the used ring, so the returned avail index tells exactly what was consumed.
 //!
-//! Where inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) plugs in later: `pop_chain`
-//! is the single place a head leaves the avail ring and `complete` the single place it reaches
-//! the used ring; both run under the queue lock.
+//! Inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, `inflight`): `pop_chain` is the
+//! single place a head leaves the avail ring (it marks the head inflight) and `complete` the
+//! single place it reaches the used ring (it links, publishes, then clears); both run under the
+//! queue lock, so the region always tells which consumed heads have not been completed. A worker
+//! started on a ring with a region first recovers it: heads a killed backend left inflight run
+//! again, in fetch order, before any new chain is popped.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::Disk;
+use super::inflight::{QueueRegion, QueueTracker, RecoveryError, ResubmitParser};
 use super::peer_fd;
 use super::request::{BlkRequest, Completion};
 
@@ -170,6 +177,60 @@ pub struct QueueSetup {
     pub kick: EventFd,
     pub call: Arc<Notifier>,
     pub err: Arc<Notifier>,
+    /// This queue's part of the SET_INFLIGHT_FD region, when the frontend gave one: the worker
+    /// recovers it at start and tracks every request in it.
+    pub inflight: Option<QueueRegion>,
+    /// Test option (`vmm blk-backend --delay-completions`): hold each finished request this long
+    /// before it is published, so completions land out of order and a kill finds requests in
+    /// flight.
+    pub completion_delay: Option<CompletionDelay>,
+}
+
+/// A random wait in `min..=max` before each completion is published (a test option).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompletionDelay {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+/// A `--delay-completions` value that is not `MIN_US-MAX_US` with MIN <= MAX.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("completion delay {0:?} is not MIN_US-MAX_US (microseconds, MIN <= MAX)")]
+pub struct CompletionDelayError(String);
+
+impl FromStr for CompletionDelay {
+    type Err = CompletionDelayError;
+
+    /// `MIN_US-MAX_US`, e.g. `1000-20000` for 1 to 20 ms.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || CompletionDelayError(s.to_string());
+        let (min, max) = s.split_once('-').ok_or_else(err)?;
+        let min: u64 = min.trim().parse().map_err(|_| err())?;
+        let max: u64 = max.trim().parse().map_err(|_| err())?;
+        if min > max {
+            return Err(err());
+        }
+        Ok(CompletionDelay {
+            min: Duration::from_micros(min),
+            max: Duration::from_micros(max),
+        })
+    }
+}
+
+impl CompletionDelay {
+    /// A delay in the range, from a per-thread xorshift state.
+    fn pick(&self, state: &mut u64) -> Duration {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        let span = self.max.saturating_sub(self.min).as_micros();
+        let span = u64::try_from(span).unwrap_or(u64::MAX);
+        let extra = match span.checked_add(1) {
+            Some(choices) => *state % choices,
+            None => *state,
+        };
+        self.min.saturating_add(Duration::from_micros(extra))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +246,24 @@ pub enum QueueError {
     RingsNotInMemory { index: u16 },
     #[error("queue {index}: cannot create the stop eventfd or spawn a thread: {source}")]
     Os { index: u16, source: io::Error },
+    /// The inflight region cannot be recovered for this ring (ring not started).
+    #[error("queue {index}: inflight region refused: {source}")]
+    Inflight { index: u16, source: RecoveryError },
+}
+
+/// The ring and its inflight record, changed together under the queue lock.
+#[derive(Debug)]
+struct Ring {
+    queue: Queue,
+    inflight: Option<QueueTracker>,
+}
+
+/// Heads a killed backend left inflight, to run again before anything new is popped; only the
+/// dispatcher uses it.
+#[derive(Debug)]
+struct Resubmission {
+    heads: VecDeque<u16>,
+    parser: ResubmitParser,
 }
 
 /// State shared by the dispatcher and the I/O threads of one queue.
@@ -207,17 +286,22 @@ struct QueueShared {
     /// Tests hold this for writing to make the I/O threads fall behind.
     #[cfg(test)]
     test_io_gate: RwLock<()>,
-    queue: Mutex<Queue>,
+    /// Tests make the worker "die" here, as if the process were SIGKILLed.
+    #[cfg(test)]
+    test_crash: tests::TestCrash,
+    queue: Mutex<Ring>,
     mem: Arc<GuestMemoryMmap>,
     disk: Arc<Disk>,
     call: Arc<Notifier>,
     err: Arc<Notifier>,
+    completion_delay: Option<CompletionDelay>,
 }
 
 /// A running queue: its dispatcher thread and I/O threads.
 #[derive(Debug)]
 pub struct QueueWorker {
     index: u16,
+    started_at: u16,
     stop: EventFd,
     /// Written by the dispatcher when it has finished (its I/O threads joined).
     done: EventFd,
@@ -233,7 +317,9 @@ impl QueueWorker {
         disk: Arc<Disk>,
     ) -> Result<Self, QueueError> {
         let index = setup.index;
-        let queue = build_queue(&setup, &mem)?;
+        let mut queue = build_queue(&setup, &mem)?;
+        let (inflight, resubmission) = recover_inflight(&setup, &mut queue, &mem)?;
+        let started_at = queue.next_avail();
         let os_err = |source| QueueError::Os { index, source };
         let stop = EventFd::new(EFD_NONBLOCK).map_err(os_err)?;
         let stop_for_thread = stop.try_clone().map_err(os_err)?;
@@ -249,11 +335,14 @@ impl QueueWorker {
             room: EventFd::new(EFD_NONBLOCK).map_err(os_err)?,
             #[cfg(test)]
             test_io_gate: RwLock::new(()),
-            queue: Mutex::new(queue),
+            #[cfg(test)]
+            test_crash: tests::TestCrash::default(),
+            queue: Mutex::new(Ring { queue, inflight }),
             mem,
             disk,
             call: setup.call,
             err: setup.err,
+            completion_delay: setup.completion_delay,
         });
         let kick = setup.kick;
         let queue_size = usize::from(setup.size);
@@ -262,17 +351,29 @@ impl QueueWorker {
             .name(format!("blk-q{index}"))
             .spawn(move || {
                 let _done = SignalOnDrop(done_for_thread);
-                dispatch(thread_shared, kick, stop_for_thread, queue_size)
+                dispatch(
+                    thread_shared,
+                    kick,
+                    stop_for_thread,
+                    queue_size,
+                    resubmission,
+                )
             })
             .map_err(os_err)?;
         debug!(queue = index, "virtio-blk queue started");
         Ok(QueueWorker {
             index,
+            started_at,
             stop,
             done,
             dispatcher: Some(dispatcher),
             shared,
         })
+    }
+
+    /// The avail index popping started at: SET_VRING_BASE's, or where inflight recovery put it.
+    pub fn started_at(&self) -> u16 {
+        self.started_at
     }
 
     /// Stops popping, waits for every popped request to complete, and returns the next avail
@@ -300,6 +401,7 @@ impl QueueWorker {
             .queue
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .queue
             .next_avail();
         debug!(queue = self.index, next_avail, "virtio-blk queue stopped");
         next_avail
@@ -351,9 +453,59 @@ fn build_queue(setup: &QueueSetup, mem: &GuestMemoryMmap) -> Result<Queue, Queue
     Ok(queue)
 }
 
+/// With an inflight region: recovers it against the ring's used->idx (`inflight`), and starts
+/// popping at `used->idx + resubmitted`, the first position a previous backend never consumed;
+/// this overrides SET_VRING_BASE (as libvhost-user does), which after a crash is only the
+/// frontend's guess (QEMU sends used->idx).
+fn recover_inflight(
+    setup: &QueueSetup,
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<(Option<QueueTracker>, Option<Resubmission>), QueueError> {
+    let index = setup.index;
+    let Some(region) = setup.inflight.clone() else {
+        return Ok((None, None));
+    };
+    let refused = |source| QueueError::Inflight { index, source };
+    let used_idx = queue.next_used();
+    let (tracker, recovery) =
+        QueueTracker::recover(region, setup.size, used_idx).map_err(refused)?;
+    info!("{}", recovery.summary(index));
+    // At most the ring size (distinct heads below it), so it fits a u16.
+    let resubmitted = recovery.resubmit.len() as u16;
+    let next_avail = used_idx.wrapping_add(resubmitted);
+    if next_avail != setup.next_avail {
+        info!(
+            queue = index,
+            "inflight recovery: resuming at avail index {next_avail} (used idx {used_idx} + \
+             {resubmitted} resubmitted), not SET_VRING_BASE's {}",
+            setup.next_avail
+        );
+    }
+    queue.set_next_avail(next_avail);
+    info!(target: "vhost", "{}", tracker.region().describe());
+    let resubmission = if recovery.resubmit.is_empty() {
+        None
+    } else {
+        let parser =
+            ResubmitParser::new(mem, setup.rings.desc_table, setup.size, index).map_err(refused)?;
+        Some(Resubmission {
+            heads: recovery.resubmit.into(),
+            parser,
+        })
+    };
+    Ok((Some(tracker), resubmission))
+}
+
 /// The dispatcher: waits for kicks, pops chains, parses them and queues them to the I/O threads.
 /// Returns when stopped, after the I/O threads have drained.
-fn dispatch(shared: Arc<QueueShared>, kick: EventFd, stop: EventFd, queue_size: usize) {
+fn dispatch(
+    shared: Arc<QueueShared>,
+    kick: EventFd,
+    stop: EventFd,
+    queue_size: usize,
+    mut resubmission: Option<Resubmission>,
+) {
     // In-flight requests never exceed MAX_REQUESTS_IN_FLIGHT, so neither does the channel.
     let (sender, receiver) = sync_channel::<Admitted>(queue_size.min(MAX_REQUESTS_IN_FLIGHT));
     let receiver = Arc::new(Mutex::new(receiver));
@@ -363,7 +515,7 @@ fn dispatch(shared: Arc<QueueShared>, kick: EventFd, stop: EventFd, queue_size: 
         let receiver = Arc::clone(&receiver);
         let spawned = thread::Builder::new()
             .name(format!("blk-q{}-io{n}", shared.index))
-            .spawn(move || io_worker(thread_shared, receiver));
+            .spawn(move || io_worker(thread_shared, receiver, io_thread_seed(n)));
         match spawned {
             Ok(handle) => io_threads.push(handle),
             Err(e) => error!(queue = shared.index, "cannot spawn I/O thread: {e}"),
@@ -376,7 +528,8 @@ fn dispatch(shared: Arc<QueueShared>, kick: EventFd, stop: EventFd, queue_size: 
         );
         shared.err.signal();
     } else {
-        serve_kicks(&shared, &kick, &stop, &sender);
+        serve_kicks(&shared, &kick, &stop, &sender, &mut resubmission);
+        drain_resubmission(&shared, &sender, &mut resubmission);
     }
     // Closing the channel lets each I/O thread finish what is queued, then exit.
     drop(sender);
@@ -410,13 +563,14 @@ fn serve_kicks(
     kick: &EventFd,
     stop: &EventFd,
     sender: &SyncSender<Admitted>,
+    resubmission: &mut Option<Resubmission>,
 ) {
     let mut kick_usable = true;
     // The guest may have queued requests before the kick fd was (re)connected: look once first.
-    let mut state = fetch_and_send(shared, sender);
+    let mut state = fetch_and_send(shared, sender, resubmission);
     let avail_idx_addr = {
-        let queue = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        queue.avail_ring().checked_add(2).map(GuestAddress)
+        let ring = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        ring.queue.avail_ring().checked_add(2).map(GuestAddress)
     };
     loop {
         // Before sleeping in poll(), watch the avail index for a few microseconds: a driver at
@@ -425,7 +579,7 @@ fn serve_kicks(
         if state == Fetch::Idle
             && avail_idx_addr.is_some_and(|a| new_request_within(shared, a, POLL_BEFORE_SLEEP))
         {
-            state = fetch_and_send(shared, sender);
+            state = fetch_and_send(shared, sender, resubmission);
             continue;
         }
         // Throttled, a kick changes nothing: wait for room (the kick stays pending).
@@ -439,7 +593,7 @@ fn serve_kicks(
             Ok(Wake::Room) => {
                 let _ = shared.room.read();
                 if state == Fetch::Throttled {
-                    state = fetch_and_send(shared, sender);
+                    state = fetch_and_send(shared, sender, resubmission);
                 }
             }
             Ok(Wake::Kick) => {
@@ -454,7 +608,7 @@ fn serve_kicks(
                     continue;
                 }
                 if state == Fetch::Idle {
-                    state = fetch_and_send(shared, sender);
+                    state = fetch_and_send(shared, sender, resubmission);
                 }
             }
             Err(e) => {
@@ -478,6 +632,7 @@ fn new_request_within(
         .queue
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
+        .queue
         .next_avail();
     let start = std::time::Instant::now();
     while !shared.stopping.load(Ordering::Acquire) && start.elapsed() < window {
@@ -490,10 +645,14 @@ fn new_request_within(
     false
 }
 
-/// Pops available chains and hands them on while the queue's in-flight budget has room.
-/// `Broken` when the guest published an impossible avail index: the queue then stops serving and
-/// the err fd is written.
-fn fetch_and_send(shared: &QueueShared, sender: &SyncSender<Admitted>) -> Fetch {
+/// Pops available chains and hands them on while the queue's in-flight budget has room; heads
+/// left to resubmit by an inflight recovery go first. `Broken` when the guest published an
+/// impossible avail index or head: the queue then stops serving and the err fd is written.
+fn fetch_and_send(
+    shared: &QueueShared,
+    sender: &SyncSender<Admitted>,
+    resubmission: &mut Option<Resubmission>,
+) -> Fetch {
     while !shared.stopping.load(Ordering::Acquire) {
         if !shared.has_room() {
             // Dekker with `release`: either it sees `throttled` and writes `room`, or we see
@@ -504,38 +663,83 @@ fn fetch_and_send(shared: &QueueShared, sender: &SyncSender<Admitted>) -> Fetch 
             }
             shared.throttled.store(false, Ordering::SeqCst);
         }
-        let (chain, more) = match pop_chain(shared) {
-            Ok(Some(popped)) => popped,
-            Ok(None) => return Fetch::Idle,
-            Err(e) => {
-                error!(
-                    queue = shared.index,
-                    "virtqueue is broken, no longer served: {e}"
-                );
-                shared.err.signal();
-                return Fetch::Broken;
-            }
-        };
-        let request = BlkRequest::parse(chain);
+        let (request, more) =
+            if let Some(request) = resubmission.as_mut().and_then(Resubmission::next) {
+                // Still marked inflight with its old counter; it completes like any other.
+                (request, true)
+            } else {
+                match pop_chain(shared) {
+                    Ok(Some((chain, more))) => (BlkRequest::parse(chain), more),
+                    Ok(None) => return Fetch::Idle,
+                    Err(e) => {
+                        error!(
+                            queue = shared.index,
+                            "virtqueue is broken, no longer served: {e}"
+                        );
+                        shared.err.signal();
+                        return Fetch::Broken;
+                    }
+                }
+            };
         // A lone request on an otherwise idle queue (queue depth 1) runs right here: handing
         // it to an I/O thread would cost two thread wake-ups for nothing to overlap with.
-        // Several at once go to the I/O threads, so they overlap and may complete out of order.
-        if !more && shared.in_flight.load(Ordering::Acquire) == 0 {
+        // Several at once go to the I/O threads, so they overlap and may complete out of order
+        // (always so with a completion delay, which must not hold the dispatcher).
+        if !more
+            && shared.in_flight.load(Ordering::Acquire) == 0
+            && shared.completion_delay.is_none()
+        {
             complete(shared, request.execute(&shared.mem, &shared.disk));
             continue;
         }
-        let cost = bookkeeping_bytes(&request);
-        shared.in_flight.fetch_add(1, Ordering::SeqCst);
-        let held = shared.in_flight_bytes.fetch_add(cost, Ordering::SeqCst) + cost;
-        shared
-            .peak_in_flight_bytes
-            .fetch_max(held, Ordering::Relaxed);
-        if sender.send((request, cost)).is_err() {
-            shared.release(cost);
+        if !admit(shared, sender, request) {
             return Fetch::Idle;
         }
     }
     Fetch::Idle
+}
+
+/// Hands a request to the I/O threads, counting it against the queue's budget; `false` when
+/// they are gone.
+fn admit(shared: &QueueShared, sender: &SyncSender<Admitted>, request: BlkRequest) -> bool {
+    let cost = bookkeeping_bytes(&request);
+    shared.in_flight.fetch_add(1, Ordering::SeqCst);
+    let held = shared.in_flight_bytes.fetch_add(cost, Ordering::SeqCst) + cost;
+    shared
+        .peak_in_flight_bytes
+        .fetch_max(held, Ordering::Relaxed);
+    if sender.send((request, cost)).is_err() {
+        shared.release(cost);
+        return false;
+    }
+    true
+}
+
+/// At stop: heads still waiting to be resubmitted were consumed (next_avail is already past
+/// them), and a stop completes everything consumed before it returns (GET_VRING_BASE reports
+/// it done), so they run now, within the same budget.
+fn drain_resubmission(
+    shared: &QueueShared,
+    sender: &SyncSender<Admitted>,
+    resubmission: &mut Option<Resubmission>,
+) {
+    let Some(pending) = resubmission.as_mut() else {
+        return;
+    };
+    while let Some(request) = pending.next() {
+        while !shared.has_room() {
+            // As in fetch_and_send: `release` writes `room` when it sees `throttled`.
+            shared.throttled.store(true, Ordering::SeqCst);
+            if !shared.has_room() {
+                readable_within(&shared.room, STOP_RESCUE_INTERVAL);
+                let _ = shared.room.read();
+            }
+            shared.throttled.store(false, Ordering::SeqCst);
+        }
+        if !admit(shared, sender, request) {
+            return;
+        }
+    }
 }
 
 /// What a request holds while in flight: itself and its buffer lists.
@@ -565,24 +769,63 @@ impl QueueShared {
     }
 }
 
-/// Pops one chain (the single place a head leaves the avail ring), and says whether another one
-/// is available behind it.
+impl Resubmission {
+    /// The next request to run again, parsed from the descriptor table.
+    fn next(&mut self) -> Option<BlkRequest> {
+        let head = self.heads.pop_front()?;
+        Some(self.parser.parse(head))
+    }
+}
+
+/// Why the avail ring can no longer be served.
+#[derive(Debug, thiserror::Error)]
+enum PopError {
+    #[error("{0}")]
+    Queue(#[from] virtio_queue::Error),
+    /// The guest published a head that is not a descriptor of the ring (QEMU's "Guest says index
+    /// N is available" also breaks the device). It could never reach the used ring, and inflight
+    /// tracking could not record it, so it would shift every recovered avail position.
+    #[error("the driver made head {head} available in a ring of {size}")]
+    HeadOutOfRange { head: u16, size: u16 },
+}
+
+/// Pops one chain (the single place a head leaves the avail ring) and marks it inflight, and
+/// says whether another one is available behind it.
 #[allow(clippy::type_complexity)]
 fn pop_chain(
     shared: &QueueShared,
-) -> Result<Option<(DescriptorChain<Arc<GuestMemoryMmap>>, bool)>, virtio_queue::Error> {
-    let mut queue = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
-    let Some(chain) = queue.iter(Arc::clone(&shared.mem))?.next() else {
+) -> Result<Option<(DescriptorChain<Arc<GuestMemoryMmap>>, bool)>, PopError> {
+    let mut guard = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
+    let ring = &mut *guard;
+    #[cfg(test)]
+    if shared.test_crash.is_dead() {
+        return Ok(None);
+    }
+    let Some(chain) = ring.queue.iter(Arc::clone(&shared.mem))?.next() else {
         return Ok(None);
     };
+    let (head, size) = (chain.head_index(), ring.queue.size());
+    if head >= size {
+        return Err(PopError::HeadOutOfRange { head, size });
+    }
+    if let Some(tracker) = ring.inflight.as_mut() {
+        tracker.mark_fetched(head);
+    }
+    #[cfg(test)]
+    if shared.test_crash.dies_at(tests::CrashPoint::AfterFetch) {
+        return Ok(None);
+    }
     // Only a hint (lone request or not): an unreadable index counts as "more".
-    let more = queue
+    let more = ring
+        .queue
         .avail_idx(&*shared.mem, Ordering::Acquire)
-        .map_or(true, |idx| idx.0 != queue.next_avail());
+        .map_or(true, |idx| idx.0 != ring.queue.next_avail());
     Ok(Some((chain, more)))
 }
 
-fn io_worker(shared: Arc<QueueShared>, receiver: Arc<Mutex<Receiver<Admitted>>>) {
+fn io_worker(shared: Arc<QueueShared>, receiver: Arc<Mutex<Receiver<Admitted>>>, seed: u64) {
+    // Only the test option's random delays use it; any non-zero start will do.
+    let mut delay_state = seed | 1;
     loop {
         let next = receiver
             .lock()
@@ -592,15 +835,46 @@ fn io_worker(shared: Arc<QueueShared>, receiver: Arc<Mutex<Receiver<Admitted>>>)
         #[cfg(test)]
         drop(shared.test_io_gate.read());
         let completion = request.execute(&shared.mem, &shared.disk);
+        if let Some(delay) = shared.completion_delay {
+            thread::sleep(delay.pick(&mut delay_state));
+        }
         complete(&shared, completion);
         drop(request);
         shared.release(cost);
     }
 }
 
+/// A seed for I/O thread `n`'s delay generator: different per thread and per run.
+fn io_thread_seed(n: usize) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    now ^ ((n as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+/// Publishes one finished request (the single place a head reaches the used ring). With inflight
+/// tracking it is a batch of one: linked and named in `last_batch_head`, published, then cleared
+/// (the order `inflight` explains).
 fn complete(shared: &QueueShared, completion: Completion) {
-    let mut queue = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Err(e) = queue.add_used(&*shared.mem, completion.head, completion.used_len) {
+    let mut guard = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
+    let ring = &mut *guard;
+    #[cfg(test)]
+    if shared.test_crash.is_dead() {
+        return;
+    }
+    let batch = [completion.head];
+    if let Some(tracker) = &ring.inflight {
+        tracker.begin_batch(&batch);
+    }
+    #[cfg(test)]
+    if shared.test_crash.dies_at(tests::CrashPoint::BeforePublish) {
+        return;
+    }
+    if let Err(e) = ring
+        .queue
+        .add_used(&*shared.mem, completion.head, completion.used_len)
+    {
+        // Left inflight: a later recovery runs it again, which an unpublished request needs.
         warn!(
             queue = shared.index,
             head = completion.head,
@@ -608,11 +882,39 @@ fn complete(shared: &QueueShared, completion: Completion) {
         );
         return;
     }
-    let notify = queue.needs_notification(&*shared.mem).unwrap_or(true)
-        && !driver_suppresses_interrupts(&queue, &shared.mem);
-    drop(queue);
+    #[cfg(test)]
+    if shared.test_crash.dies_at(tests::CrashPoint::AfterPublish) {
+        return;
+    }
+    if let Some(tracker) = &ring.inflight {
+        tracker.end_batch(&batch, ring.queue.next_used());
+    }
+    let notify = ring.queue.needs_notification(&*shared.mem).unwrap_or(true)
+        && !driver_suppresses_interrupts(&ring.queue, &shared.mem);
+    drop(guard);
     if notify {
         shared.call.signal();
+    }
+    log_first_completion();
+}
+
+/// When this backend opened its image (`BlkBackend::open`): the start of "restart to first
+/// completed request", which `resources/bench reconnect` reads from the log.
+pub(super) static BACKEND_STARTED: std::sync::OnceLock<std::time::Instant> =
+    std::sync::OnceLock::new();
+
+/// Logs, once per process, how long after the backend started the first request completed: for
+/// a backend restarted under a running guest, what the guest waited for beyond the restart.
+fn log_first_completion() {
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if DONE.load(Ordering::Relaxed) || DONE.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    if let Some(started) = BACKEND_STARTED.get() {
+        info!(
+            "first request completed {:.1} ms after the backend started",
+            started.elapsed().as_secs_f64() * 1000.0
+        );
     }
 }
 
@@ -693,7 +995,57 @@ fn readable_within(fd: &EventFd, timeout: std::time::Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blk::inflight::{
+        checked_region_size, new_region_memfd, InflightLimits, InflightMap,
+    };
     use crate::blk::test_util::{guest_memory, memfd_disk, request_header, TestRing};
+    use vhost_frontend::wire::inflight::SplitQueue;
+    use vhost_frontend::wire::InflightDescription;
+
+    /// Where a test kills the worker: right after a head is marked inflight (before its I/O),
+    /// after a batch is named but before the used ring moves, after the used ring moved but
+    /// before the batch is cleared.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) enum CrashPoint {
+        AfterFetch,
+        BeforePublish,
+        AfterPublish,
+    }
+
+    /// A simulated SIGKILL: once dead, the worker writes nothing more to the region or the rings
+    /// (its I/O threads may still finish a pwrite, as a real kill after the I/O would leave).
+    #[derive(Debug, Default)]
+    pub(super) struct TestCrash {
+        /// Die the (n+1)th time this point is reached.
+        armed: Mutex<Option<(CrashPoint, usize)>>,
+        dead: AtomicBool,
+    }
+
+    impl TestCrash {
+        pub(super) fn is_dead(&self) -> bool {
+            self.dead.load(Ordering::SeqCst)
+        }
+
+        pub(super) fn dies_at(&self, point: CrashPoint) -> bool {
+            let mut armed = self.armed.lock().unwrap_or_else(PoisonError::into_inner);
+            match armed.as_mut() {
+                Some((at, 0)) if *at == point => {
+                    *armed = None;
+                    self.dead.store(true, Ordering::SeqCst);
+                    true
+                }
+                Some((at, n)) if *at == point => {
+                    *n -= 1;
+                    false
+                }
+                _ => self.is_dead(),
+            }
+        }
+
+        fn arm(&self, point: CrashPoint, after: usize) {
+            *self.armed.lock().unwrap() = Some((point, after));
+        }
+    }
     use std::os::unix::fs::FileExt;
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
     use vm_memory::Bytes;
@@ -748,6 +1100,15 @@ mod tests {
         }
 
         fn start(&self, next_avail: u16) -> Result<QueueWorker, QueueError> {
+            self.start_tracked(next_avail, None, None)
+        }
+
+        fn start_tracked(
+            &self,
+            next_avail: u16,
+            inflight: Option<QueueRegion>,
+            completion_delay: Option<CompletionDelay>,
+        ) -> Result<QueueWorker, QueueError> {
             QueueWorker::start(
                 QueueSetup {
                     index: 0,
@@ -757,10 +1118,19 @@ mod tests {
                     kick: self.kick.try_clone().unwrap(),
                     call: Arc::clone(&self.call_notifier),
                     err: Arc::clone(&self.err_notifier),
+                    inflight,
+                    completion_delay,
                 },
                 Arc::clone(self.mem.guest()),
                 Arc::clone(&self.disk),
             )
+        }
+
+        /// What the guest reads in the used ring: heads of entries 0..count.
+        fn used_heads(&self, count: u16) -> Vec<u32> {
+            (0..count)
+                .map(|i| self.ring.used_elem(self.mem.guest(), i).0)
+                .collect()
         }
 
         /// Queues a one-sector write of `fill` to `sector`, using per-request buffers.
@@ -1049,6 +1419,8 @@ mod tests {
                 kick: r.kick.try_clone().unwrap(),
                 call: Arc::clone(&r.call_notifier),
                 err: Arc::clone(&r.err_notifier),
+                inflight: None,
+                completion_delay: None,
             },
             Arc::clone(r.mem.guest()),
             Arc::clone(&r.disk),
@@ -1060,7 +1432,7 @@ mod tests {
         }
         r.kick.write(1).unwrap();
         // Wait until the dispatcher has stopped popping (throttled) or popped everything.
-        let popped = || worker.shared.queue.lock().unwrap().next_avail();
+        let popped = || worker.shared.queue.lock().unwrap().queue.next_avail();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !worker.shared.throttled.load(Ordering::SeqCst) && popped() != heads {
             assert!(std::time::Instant::now() < deadline, "dispatcher stuck");
@@ -1104,5 +1476,295 @@ mod tests {
         let _ = worker.stop();
         assert!(new_call.read().unwrap() >= 1);
         assert!(r.call.read().is_err(), "the old call fd is no longer used");
+    }
+
+    /// A fresh inflight region for one queue of `size` entries, from a GET memfd, and the memfd
+    /// (to map it again, as a restarted backend would).
+    fn inflight_region(size: u16) -> (QueueRegion, std::fs::File) {
+        let limits = InflightLimits {
+            device_queues: 1,
+            max_queue_size: size,
+        };
+        let bytes = checked_region_size(1, size, limits).unwrap();
+        let file = std::fs::File::from(new_region_memfd(bytes).unwrap());
+        (map_again(&file, size), file)
+    }
+
+    fn map_again(file: &std::fs::File, size: u16) -> QueueRegion {
+        let limits = InflightLimits {
+            device_queues: 1,
+            max_queue_size: size,
+        };
+        let description = InflightDescription {
+            mmap_size: file.metadata().unwrap().len(),
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: size,
+        };
+        let fd = file.try_clone().unwrap().into();
+        InflightMap::map(fd, &description, limits)
+            .unwrap()
+            .queue(0)
+            .unwrap()
+    }
+
+    fn snapshot(region: &QueueRegion) -> Vec<u8> {
+        region.snapshot()
+    }
+
+    /// Requests held in their I/O threads are marked inflight in fetch order; once they complete
+    /// every mark is cleared and the region's used_idx is the ring's.
+    #[test]
+    fn tracked_requests_are_marked_while_in_flight_and_cleared_when_done() {
+        let mut r = setup();
+        let (region, _memfd) = inflight_region(r.ring.size);
+        for n in 0..8u64 {
+            r.submit_write(n, n, 5);
+        }
+        let worker = r.start_tracked(0, Some(region.clone()), None).unwrap();
+        let gate = worker.shared.test_io_gate.write().unwrap();
+        r.kick.write(1).unwrap();
+        let popped = || worker.shared.queue.lock().unwrap().queue.next_avail();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while popped() != 8 {
+            assert!(std::time::Instant::now() < deadline, "not all popped");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let copy = snapshot(&region);
+        let view = SplitQueue::decode(0, r.ring.size, &copy).unwrap();
+        assert_eq!(view.header().version, 1);
+        assert_eq!(view.header().desc_num, r.ring.size);
+        let expected: Vec<(u16, u64)> = (0..8u16).map(|n| (n * 3, u64::from(n))).collect();
+        assert_eq!(view.inflight_descs_in_counter_order(), expected);
+        drop(gate);
+        r.ring.wait_used(r.mem.guest(), 8);
+        assert_eq!(stop_bounded(worker), 8);
+        let copy = snapshot(&region);
+        let view = SplitQueue::decode(0, r.ring.size, &copy).unwrap();
+        assert_eq!(view.inflight_count(), 0);
+        assert_eq!(view.header().used_idx, 8);
+        let last = r.ring.used_elem(r.mem.guest(), 7).0 as u16;
+        assert_eq!(
+            view.header().last_batch_head,
+            last,
+            "the last completion's head"
+        );
+    }
+
+    /// The end-to-end property, without a real kill: a worker with delayed, out-of-order
+    /// completions "dies" (writes nothing more) at each crash point with requests in flight; a
+    /// new worker on a fresh mapping of the same region, started with SET_VRING_BASE = used idx
+    /// as QEMU sends it, completes every request exactly once, new ones too.
+    #[test]
+    fn a_worker_killed_mid_flight_loses_and_repeats_nothing() {
+        const BEFORE: u64 = 30;
+        const AFTER: u64 = 10;
+        let delay = Some("200-3000".parse::<CompletionDelay>().unwrap());
+        for point in [
+            CrashPoint::AfterFetch,
+            CrashPoint::BeforePublish,
+            CrashPoint::AfterPublish,
+        ] {
+            let mut r = setup();
+            let (region, memfd) = inflight_region(r.ring.size);
+            let worker = r.start_tracked(0, Some(region), delay).unwrap();
+            worker.shared.test_crash.arm(point, 12);
+            for n in 0..BEFORE {
+                r.submit_write(n, n, n as u8 + 1);
+            }
+            r.kick.write(1).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !worker.shared.test_crash.is_dead() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{point:?}: never died"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            // Its threads are gone too (a killed process has none); what it published stays.
+            let _ = stop_bounded(worker);
+            let seen_by_guest = r.ring.used_idx(r.mem.guest());
+            assert!(
+                seen_by_guest < BEFORE as u16,
+                "{point:?}: nothing was in flight"
+            );
+            let dead_region = map_again(&memfd, r.ring.size);
+            let copy = snapshot(&dead_region);
+            let left = SplitQueue::decode(0, r.ring.size, &copy).unwrap();
+            assert!(
+                left.inflight_count() > 0,
+                "{point:?}: nothing marked inflight"
+            );
+            // Only a death between publishing and clearing leaves a batch to roll back.
+            let open_batch = left.header().used_idx != seen_by_guest;
+            assert_eq!(open_batch, point == CrashPoint::AfterPublish, "{point:?}");
+            // The guest goes on queueing while the backend is down.
+            for n in BEFORE..BEFORE + AFTER {
+                r.submit_write(n, n, n as u8 + 1);
+            }
+            let restarted = r
+                .start_tracked(seen_by_guest, Some(map_again(&memfd, r.ring.size)), delay)
+                .unwrap();
+            r.kick.write(1).unwrap();
+            let total = (BEFORE + AFTER) as u16;
+            r.ring.wait_used(r.mem.guest(), total);
+            // Nothing more arrives: a repeat would push the used idx past the total.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert_eq!(stop_bounded(restarted), total, "{point:?}");
+            assert_eq!(r.ring.used_idx(r.mem.guest()), total, "{point:?}: a repeat");
+            let mut heads = r.used_heads(total);
+            heads.sort_unstable();
+            let expected: Vec<u32> = (0..u32::from(total)).map(|n| n * 3).collect();
+            assert_eq!(heads, expected, "{point:?}: every head exactly once");
+            for n in 0..u64::from(total) {
+                assert_eq!(r.status_of(n), 0, "{point:?}: request {n}");
+                let mut sector = [0u8; 512];
+                r.disk_file.read_exact_at(&mut sector, n * 512).unwrap();
+                assert!(
+                    sector.iter().all(|&b| b == n as u8 + 1),
+                    "{point:?}: sector {n}"
+                );
+            }
+            let region = map_again(&memfd, r.ring.size);
+            let copy = snapshot(&region);
+            let view = SplitQueue::decode(0, r.ring.size, &copy).unwrap();
+            assert_eq!(view.inflight_count(), 0, "{point:?}");
+            assert_eq!(view.header().used_idx, total, "{point:?}");
+        }
+    }
+
+    /// A region whose desc_num disagrees with the ring refuses the start; an untracked ring is
+    /// unaffected by the check.
+    #[test]
+    fn a_mismatched_region_refuses_the_ring() {
+        let r = setup();
+        let (region, _memfd) = inflight_region(r.ring.size);
+        // Stamped for a ring of 128 ...
+        let worker = r.start_tracked(0, Some(region.clone()), None).unwrap();
+        assert_eq!(stop_bounded(worker), 0);
+        // ... then offered to a ring of 64.
+        let mut small = setup();
+        small.ring = TestRing::new(64, 0x1000);
+        assert!(matches!(
+            small.start_tracked(0, Some(region), None),
+            Err(QueueError::Inflight { .. })
+        ));
+    }
+
+    /// A head outside the ring can reach neither the used ring nor the region: the ring is
+    /// broken (err fd), as QEMU breaks the device.
+    #[test]
+    fn a_head_outside_the_ring_breaks_it() {
+        let mut r = setup();
+        let g = r.mem.guest().clone();
+        r.ring.publish(&g, 500);
+        let worker = r.start(0).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while r.err.read().is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "err fd never signalled"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(r.ring.used_idx(&g), 0);
+        assert_eq!(stop_bounded(worker), 1);
+    }
+
+    #[test]
+    fn completion_delays_parse_and_stay_in_range() {
+        let d: CompletionDelay = "100-250".parse().unwrap();
+        assert_eq!(
+            (d.min, d.max),
+            (Duration::from_micros(100), Duration::from_micros(250))
+        );
+        let mut state = 12345u64;
+        for _ in 0..1000 {
+            let picked = d.pick(&mut state);
+            assert!(picked >= d.min && picked <= d.max, "{picked:?}");
+        }
+        let fixed: CompletionDelay = "7-7".parse().unwrap();
+        assert_eq!(fixed.pick(&mut state), Duration::from_micros(7));
+        let all: CompletionDelay = format!("0-{}", u64::MAX).parse().unwrap();
+        let _ = all.pick(&mut state);
+        for bad in ["", "5", "9-3", "a-b", "-1-5", "1-"] {
+            assert!(bad.parse::<CompletionDelay>().is_err(), "{bad:?}");
+        }
+    }
+
+    /// A stop (GET_VRING_BASE) while recovered heads still wait to be resubmitted (the queue is at
+    /// its budget: 128 resubmitted requests of MAX_CHAIN_DESCRIPTORS descriptors each, I/O held)
+    /// completes them all before it returns, as it does for popped ones.
+    #[test]
+    fn a_stop_during_resubmission_completes_every_recovered_request() {
+        use crate::blk::request::MAX_CHAIN_DESCRIPTORS;
+        use virtio_bindings::virtio_blk::VIRTIO_BLK_T_GET_ID;
+        const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+        let r = setup();
+        let g = r.mem.guest().clone();
+        let (table, header, data, status) =
+            (0x1c_0000u64, 0x1d_0000u64, 0x1d_1000u64, 0x1d_2000u64);
+        g.write_slice(
+            &request_header(VIRTIO_BLK_T_GET_ID, 0),
+            GuestAddress(header),
+        )
+        .unwrap();
+        let n = MAX_CHAIN_DESCRIPTORS as u64;
+        for i in 0..n {
+            let (addr, len, flags) = match i {
+                0 => (header, 16, 0),
+                i if i == n - 1 => (status, 1, 2),
+                i => (data + i, 1, 2),
+            };
+            let flags = if i + 1 < n { flags | 1 } else { flags };
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+            raw[12..14].copy_from_slice(&(flags as u16).to_le_bytes());
+            raw[14..16].copy_from_slice(&((i + 1) as u16).to_le_bytes());
+            g.write_slice(&raw, GuestAddress(table + 16 * i)).unwrap();
+        }
+        let heads = r.ring.size;
+        for head in 0..heads {
+            r.ring
+                .write_desc(&g, head, table, (16 * n) as u32, VIRTQ_DESC_F_INDIRECT, 0);
+        }
+        // What a killed backend left: every head consumed, none completed, all inflight.
+        let (region, memfd) = inflight_region(heads);
+        let stamped = r.start_tracked(0, Some(region.clone()), None).unwrap();
+        assert_eq!(stop_bounded(stamped), 0);
+        {
+            let mut tracker = QueueTracker::recover(region.clone(), heads, 0).unwrap().0;
+            (0..heads).for_each(|h| tracker.mark_fetched(h));
+        }
+        let worker = r
+            .start_tracked(0, Some(map_again(&memfd, heads)), None)
+            .unwrap();
+        assert_eq!(worker.started_at(), heads);
+        let shared = Arc::clone(&worker.shared);
+        let gate = shared.test_io_gate.write().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !shared.throttled.load(Ordering::SeqCst) {
+            assert!(std::time::Instant::now() < deadline, "never throttled");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(worker.stop());
+        });
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        drop(gate);
+        let next_avail = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("stop hung");
+        assert_eq!(next_avail, heads);
+        assert_eq!(
+            r.ring.used_idx(&g),
+            heads,
+            "stopped with recovered requests undone"
+        );
+        let copy = snapshot(&region);
+        let view = SplitQueue::decode(0, heads, &copy).unwrap();
+        assert_eq!(view.inflight_count(), 0);
     }
 }

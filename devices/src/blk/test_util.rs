@@ -221,3 +221,56 @@ pub fn wait_readable(fd: &impl std::os::fd::AsRawFd, timeout: Duration) -> bool 
     let ret = unsafe { libc::poll(&mut pollfd, 1, ms) };
     ret == 1 && pollfd.revents & libc::POLLIN != 0
 }
+
+/// Tests that count the backend's own inflight memfds (`inflight::MEMFD_NAME`) hold this lock,
+/// so another test's GET never shows up in their count.
+pub static INFLIGHT_MEMFD_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// How many of this process's fds refer to the same file as `fd` (same device and inode, as
+/// stat through /proc/self/fd shows them), `fd` itself included. A backend thread that kept a
+/// received copy of `fd` shows up here, whatever other tests open or close meanwhile.
+pub fn fds_referring_to(fd: &impl std::os::fd::AsRawFd) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let id = |path: &std::path::Path| std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    let target = id(std::path::Path::new(&format!(
+        "/proc/self/fd/{}",
+        fd.as_raw_fd()
+    )));
+    assert!(target.is_some(), "fd {} is not open", fd.as_raw_fd());
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(Result::ok)
+        .filter(|entry| id(&entry.path()) == target)
+        .count()
+}
+
+/// How many of this process's fds are memfds named `name`.
+pub fn memfds_named(name: &str) -> usize {
+    let prefix = format!("/memfd:{name} ");
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(Result::ok)
+        .filter_map(|entry| std::fs::read_link(entry.path()).ok())
+        .filter(|link| link.to_string_lossy().starts_with(&prefix))
+        .count()
+}
+
+/// A memfd holding `bytes`, sealed against shrinking and growing like every inflight memfd.
+pub fn sealed_memfd(name: &str, bytes: &[u8]) -> File {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let cname = CString::new(name).expect("test name has no NUL");
+    // SAFETY: `cname` is a valid NUL-terminated string; memfd_create has no other inputs.
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(bytes.len() as u64).expect("memfd set_len");
+    file.write_all_at(bytes, 0).expect("memfd contents");
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    // SAFETY: F_ADD_SEALS with an integer argument on an fd we own.
+    let added = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    assert_eq!(added, 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
+    file
+}

@@ -14,9 +14,10 @@ use tracing::{info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::Disk;
+use super::inflight::InflightMap;
 use super::memory::MappedMemory;
 use super::peer_fd::escape_os_for_log;
-use super::queue_worker::{Notifier, QueueSetup, QueueWorker, RingAddresses};
+use super::queue_worker::{CompletionDelay, Notifier, QueueSetup, QueueWorker, RingAddresses};
 
 /// Ring addresses as the frontend sends them: in *its* virtual address space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +48,10 @@ pub struct RunContext<'a> {
     /// With VHOST_USER_F_PROTOCOL_FEATURES negotiated a ring starts disabled and waits for
     /// SET_VRING_ENABLE 1; without it, a ring is enabled as soon as it is started (spec).
     pub starts_disabled: bool,
+    /// The SET_INFLIGHT_FD region, if the frontend gave one: every ring is then tracked in it.
+    pub inflight: Option<&'a Arc<InflightMap>>,
+    /// The backend's test option (see `CompletionDelay`).
+    pub completion_delay: Option<CompletionDelay>,
 }
 
 #[derive(Debug)]
@@ -118,6 +123,35 @@ impl Vring {
             self.err.signal_detached();
             return;
         };
+        // With a region, every ring it can cover is tracked. One it cannot (QEMU sizes the region
+        // by its queue-size property, 128 by default, while a virtio-mmio driver may pick a larger
+        // ring) is served without tracking, loudly: refusing it would hang the guest's I/O for
+        // good, and writing entries past the region is what libvhost-user does (out of bounds).
+        // Such a ring is then as safe across a backend crash as with a backend that offers no
+        // INFLIGHT_SHMFD: right for requests completed in order, not beyond (README).
+        let untracked = |why: String| {
+            warn!(
+                queue = self.index,
+                "{why}: this ring is served WITHOUT inflight tracking (a backend crash may lose or \
+                 repeat its requests); size the frontend's inflight region for the ring (QEMU: \
+                 -device vhost-user-blk,queue-size=N)"
+            );
+            None
+        };
+        let inflight = match ctx.inflight {
+            None => None,
+            Some(map) => match map.queue(self.index) {
+                Some(region) if region.capacity() >= size => Some(region),
+                Some(region) => untracked(format!(
+                    "ring of {size} entries, but the inflight region holds {} per queue",
+                    region.capacity()
+                )),
+                None => untracked(format!(
+                    "the inflight region covers {} queue(s), not this one",
+                    map.num_queues()
+                )),
+            },
+        };
         let kick = match kick.try_clone() {
             Ok(kick) => kick,
             Err(e) => {
@@ -134,13 +168,15 @@ impl Vring {
             kick,
             call: Arc::clone(&self.call),
             err: Arc::clone(&self.err),
+            inflight,
+            completion_delay: ctx.completion_delay,
         };
         match QueueWorker::start(setup, Arc::clone(memory.guest()), Arc::clone(ctx.disk)) {
             Ok(worker) => {
                 info!(
                     queue = self.index,
                     size,
-                    next_avail = self.next_avail,
+                    next_avail = worker.started_at(),
                     "vring started"
                 );
                 self.worker = Some(worker);

@@ -60,14 +60,24 @@ pub const PACKED_HEADER_SIZE: usize = 32;
 pub const PACKED_ENTRY_SIZE: usize = 32;
 
 // Field offsets inside a header or an entry (C layout of the spec's structs; see the tests).
-const HDR_FEATURES: usize = 0;
-const HDR_VERSION: usize = 8;
-const HDR_DESC_NUM: usize = 10;
-const SPLIT_HDR_LAST_BATCH_HEAD: usize = 12;
-const SPLIT_HDR_USED_IDX: usize = 14;
-const SPLIT_ENTRY_INFLIGHT: usize = 0;
-const SPLIT_ENTRY_NEXT: usize = 6;
-const SPLIT_ENTRY_COUNTER: usize = 8;
+// The split-ring ones are public: the backend's writer (devices/src/blk/inflight.rs) stores to
+// exactly these places, so reader and writer share one layout definition.
+/// `u64 features` in either queue header.
+pub const HDR_FEATURES: usize = 0;
+/// `u16 version` in either queue header.
+pub const HDR_VERSION: usize = 8;
+/// `u16 desc_num` in either queue header.
+pub const HDR_DESC_NUM: usize = 10;
+/// `u16 last_batch_head` in a split queue header.
+pub const SPLIT_HDR_LAST_BATCH_HEAD: usize = 12;
+/// `u16 used_idx` in a split queue header.
+pub const SPLIT_HDR_USED_IDX: usize = 14;
+/// `u8 inflight` in a split entry.
+pub const SPLIT_ENTRY_INFLIGHT: usize = 0;
+/// `u16 next` in a split entry.
+pub const SPLIT_ENTRY_NEXT: usize = 6;
+/// `u64 counter` in a split entry.
+pub const SPLIT_ENTRY_COUNTER: usize = 8;
 const PACKED_HDR_FREE_HEAD: usize = 12;
 const PACKED_HDR_OLD_FREE_HEAD: usize = 14;
 const PACKED_HDR_USED_IDX: usize = 16;
@@ -426,7 +436,21 @@ pub struct SplitQueue<'a> {
     bytes: &'a [u8],
 }
 
+/// Where descriptor `desc`'s entry starts inside a split queue region (the header comes first).
+pub const fn split_entry_offset(desc: u16) -> usize {
+    SPLIT_HEADER_SIZE + desc as usize * SPLIT_ENTRY_SIZE
+}
+
 impl<'a> SplitQueue<'a> {
+    /// The view of one queue region on its own: `bytes` is queue `index`'s region (at least
+    /// [`queue_region_size`] for `queue_size`; longer is fine), e.g. a private copy of just that
+    /// queue's part of a live mapping. Same checks as [`InflightRegion::queue`].
+    pub fn decode(index: u16, queue_size: u16, bytes: &'a [u8]) -> Result<Self, InflightError> {
+        let region = RegionBytes::new(bytes, 1, queue_size, InflightLayout::Split)?;
+        let (bytes, header) = region.queue_bytes::<SPLIT_HEADER_SIZE>(0)?;
+        SplitQueue::new(index, queue_size, bytes, &header)
+    }
+
     fn new(
         index: u16,
         queue_size: u16,
@@ -462,8 +486,8 @@ impl<'a> SplitQueue<'a> {
         if desc >= self.header.desc_num {
             return None;
         }
-        let offset = SPLIT_HEADER_SIZE + usize::from(desc) * SPLIT_ENTRY_SIZE;
-        copy_out::<SPLIT_ENTRY_SIZE>(self.bytes, offset).map(|raw| SplitEntry::decode(desc, &raw))
+        copy_out::<SPLIT_ENTRY_SIZE>(self.bytes, split_entry_offset(desc))
+            .map(|raw| SplitEntry::decode(desc, &raw))
     }
 
     /// Entries 0..desc_num, in descriptor order.
@@ -1023,6 +1047,31 @@ mod tests {
         assert_eq!(region.queues().filter(Result::is_ok).count(), 2);
         assert_eq!(q1.entry(7).map(|e| e.desc), Some(7));
         assert_eq!(q1.entry(8), None);
+    }
+
+    #[test]
+    fn one_queue_decoded_on_its_own_matches_its_view_in_the_region() {
+        let bytes = sample_split_region();
+        let region = InflightRegion::new(&bytes, 2, 8).unwrap();
+        let per_queue = queue_region_size(8, InflightLayout::Split).unwrap() as usize;
+        for index in 0..2u16 {
+            let start = usize::from(index) * per_queue;
+            let alone = SplitQueue::decode(index, 8, &bytes[start..start + per_queue]).unwrap();
+            let within = region.queue(index).unwrap();
+            assert_eq!(alone.index(), index);
+            assert_eq!(alone.header(), within.header());
+            assert!(alone.entries().eq(within.entries()));
+            assert_eq!(alone.describe(), within.describe());
+        }
+        assert!(matches!(
+            SplitQueue::decode(0, 8, &bytes[..per_queue - 1]),
+            Err(InflightError::RegionTooSmall { .. })
+        ));
+        assert_eq!(split_entry_offset(0), SPLIT_HEADER_SIZE);
+        assert_eq!(
+            split_entry_offset(3),
+            SPLIT_HEADER_SIZE + 3 * SPLIT_ENTRY_SIZE
+        );
     }
 
     #[test]
