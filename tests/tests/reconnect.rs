@@ -162,7 +162,8 @@ fn kill_hard(backend: ChildGuard) {
 }
 
 /// Kills the backend `kills` times while the guest runs, restarting it with `restart(n)` after a
-/// short random pause. Returns how many kills were done before the guest finished.
+/// short random pause and waiting for the VMM to be back on it before the next kill. Returns how
+/// many kills were done before the guest finished.
 fn kill_loop(
     vmm: &mut Vmm,
     mut backend: ChildGuard,
@@ -180,6 +181,16 @@ fn kill_loop(
         done += 1;
         std::thread::sleep(rng.millis(0, 60));
         backend = restart(done);
+        // The next kill must find a connected backend, or two kills would be one outage.
+        let start = Instant::now();
+        while count(&vmm.stderr(), "vhost-user backend back after") < done && vmm.running() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the VMM did not reconnect after kill {done}\n{}",
+                vmm.describe()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
     (done, backend)
 }
