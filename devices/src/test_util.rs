@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::memory::{MappedMemory, RegionLayout};
-use super::queue_worker::RingAddresses;
+use crate::vhost_user_server::memory::{MappedMemory, RegionLayout};
+use crate::vhost_user_server::vring::RingAddresses;
 
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;
 pub const VIRTQ_DESC_F_WRITE: u16 = 2;
@@ -190,9 +190,9 @@ pub fn pop_chain<'a>(
 }
 
 /// A disk of `sectors` sectors backed by a memfd; returns the disk and the memfd to inspect it.
-pub fn memfd_disk(sectors: u64, readonly: bool) -> (super::disk::Disk, File) {
+pub fn memfd_disk(sectors: u64, readonly: bool) -> (crate::blk::disk::Disk, File) {
     let file = memfd("disk", sectors * 512);
-    let disk = super::disk::Disk::from_file(
+    let disk = crate::blk::disk::Disk::from_file(
         file.try_clone().expect("dup"),
         readonly,
         *b"test-disk-id-0123456",

@@ -20,7 +20,8 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 
-use devices::blk::inflight::{InflightLimits, InflightMap, QueueTracker, ResubmitParser};
+use devices::blk::inflight::{QueueTracker, ResubmitParser};
+use devices::vhost_user_server::inflight_region::{InflightLimits, InflightMap};
 use fuzz_support::FdLeakCheck;
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;

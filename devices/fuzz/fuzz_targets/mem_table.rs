@@ -14,7 +14,7 @@
 
 use std::os::fd::OwnedFd;
 
-use devices::blk::memory::{MappedMemory, RegionLayout, MAX_MEMORY_REGIONS};
+use devices::vhost_user_server::memory::{MappedMemory, RegionLayout, MAX_MEMORY_REGIONS};
 use fuzz_support::{memfd, FdLeakCheck};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;

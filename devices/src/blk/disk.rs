@@ -136,7 +136,7 @@ mod tests {
 
     fn tempfile_like() -> File {
         // An anonymous in-memory file is enough: these tests only exercise range arithmetic.
-        crate::blk::test_util::memfd("disk-range", 0)
+        crate::test_util::memfd("disk-range", 0)
     }
 
     #[test]

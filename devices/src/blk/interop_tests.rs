@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::{BlkBackend, BlkBackendConfig};
-use super::test_util::{guest_memory, request_header, temp_path, wait_readable, TestRing};
+use crate::test_util::{guest_memory, request_header, temp_path, wait_readable, TestRing};
 
 const FRONTEND_VA: u64 = 0x7f55_0000_0000;
 const RAM_SIZE: u64 = 0x40_0000;

@@ -29,7 +29,7 @@ use std::os::fd::AsRawFd;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -39,9 +39,13 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::Disk;
-use super::inflight::{QueueRegion, QueueTracker, RecoveryError, ResubmitParser};
-use super::peer_fd;
+use super::inflight::{QueueTracker, RecoveryError, ResubmitParser};
 use super::request::{BlkRequest, Completion};
+use crate::vhost_user_server::inflight_region::QueueRegion;
+use crate::vhost_user_server::notifier::Notifier;
+use crate::vhost_user_server::peer_fd;
+use crate::vhost_user_server::vring::RingAddresses;
+use crate::vhost_user_server::RingWorker;
 
 /// I/O threads per queue: enough for several requests in flight without a thread per request.
 pub const IO_THREADS_PER_QUEUE: usize = 4;
@@ -64,104 +68,6 @@ pub const IN_FLIGHT_BOOKKEEPING_BUDGET: usize = 1 << 20;
 /// How often a stopping queue releases writers of ours that a peer wedged on a full call or err
 /// counter (`peer_fd`'s residual window) while it waits for its threads.
 const STOP_RESCUE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// An eventfd the frontend gave us (call or err), replaceable while the queue runs: QEMU swaps
-/// the call fd when the guest masks and unmasks the interrupt.
-///
-/// The fd is shared with the peer, which may make a write block (see `peer_fd`): so no lock is
-/// held while writing (a writer sleeping in the residual window must not block `set`), and
-/// whoever replaces or waits for a writer can [`Notifier::unwedge`] it.
-#[derive(Debug, Default)]
-pub struct Notifier {
-    fd: RwLock<Option<Arc<EventFd>>>,
-    /// A `signal_detached` helper thread is under way.
-    helper_busy: Arc<AtomicBool>,
-}
-
-impl Notifier {
-    /// Replaces the fd. A writer of ours still sleeping on the old one is released first.
-    pub fn set(&self, fd: Option<EventFd>) {
-        let old = std::mem::replace(
-            &mut *self.fd.write().unwrap_or_else(PoisonError::into_inner),
-            fd.map(Arc::new),
-        );
-        if let Some(old) = old {
-            unwedge_fd(&old);
-        }
-    }
-
-    pub fn is_set(&self) -> bool {
-        self.current().is_some()
-    }
-
-    fn current(&self) -> Option<Arc<EventFd>> {
-        self.fd
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Adds 1 to the eventfd, if one is set. A full counter already means "signalled", so that
-    /// is not an error, and it is never waited on (`peer_fd::signal`).
-    pub fn signal(&self) {
-        if let Some(fd) = self.current() {
-            signal_fd(&fd);
-        }
-    }
-
-    /// `signal` for a thread that must never sleep, not even in `peer_fd`'s residual window (the
-    /// session thread, which every later frontend waits for): the write runs on a helper
-    /// thread, at most one per notifier. A helper still under way means a signal is pending.
-    pub fn signal_detached(&self) {
-        let Some(fd) = self.current() else { return };
-        if self.helper_busy.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let busy = Arc::clone(&self.helper_busy);
-        let spawned = thread::Builder::new()
-            .name("blk-signal".into())
-            .spawn(move || {
-                signal_fd(&fd);
-                busy.store(false, Ordering::Release);
-            });
-        if let Err(e) = spawned {
-            self.helper_busy.store(false, Ordering::Release);
-            warn!("cannot spawn a thread to signal an eventfd: {e}");
-        }
-    }
-
-    /// Releases a writer of ours sleeping on a full counter (drains it; see `peer_fd`).
-    pub fn unwedge(&self) {
-        if let Some(fd) = self.current() {
-            unwedge_fd(&fd);
-        }
-    }
-}
-
-fn signal_fd(fd: &EventFd) {
-    if let Err(e) = peer_fd::signal(fd) {
-        warn!("cannot signal eventfd {}: {e}", fd.as_raw_fd());
-    }
-}
-
-fn unwedge_fd(fd: &EventFd) {
-    match peer_fd::unwedge(fd) {
-        Ok(true) => warn!(
-            "eventfd {} was full (only a misbehaving frontend fills it); drained it",
-            fd.as_raw_fd()
-        ),
-        Ok(false) => {}
-        Err(e) => warn!("cannot inspect eventfd {}: {e}", fd.as_raw_fd()),
-    }
-}
-
-/// The three ring addresses, already translated to guest physical addresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RingAddresses {
-    pub desc_table: GuestAddress,
-    pub avail_ring: GuestAddress,
-    pub used_ring: GuestAddress,
-}
 
 /// Everything a queue needs to run.
 #[derive(Debug)]
@@ -285,7 +191,7 @@ struct QueueShared {
     room: EventFd,
     /// Tests hold this for writing to make the I/O threads fall behind.
     #[cfg(test)]
-    test_io_gate: RwLock<()>,
+    test_io_gate: std::sync::RwLock<()>,
     /// Tests make the worker "die" here, as if the process were SIGKILLed.
     #[cfg(test)]
     test_crash: tests::TestCrash,
@@ -334,7 +240,7 @@ impl QueueWorker {
             throttled: AtomicBool::new(false),
             room: EventFd::new(EFD_NONBLOCK).map_err(os_err)?,
             #[cfg(test)]
-            test_io_gate: RwLock::new(()),
+            test_io_gate: std::sync::RwLock::new(()),
             #[cfg(test)]
             test_crash: tests::TestCrash::default(),
             queue: Mutex::new(Ring { queue, inflight }),
@@ -405,6 +311,18 @@ impl QueueWorker {
             .next_avail();
         debug!(queue = self.index, next_avail, "virtio-blk queue stopped");
         next_avail
+    }
+}
+
+/// What the protocol server needs of a running queue (it stops it on GET_VRING_BASE and before
+/// any change to the ring).
+impl RingWorker for QueueWorker {
+    fn started_at(&self) -> u16 {
+        QueueWorker::started_at(self)
+    }
+
+    fn stop(self) -> u16 {
+        QueueWorker::stop(self)
     }
 }
 
@@ -995,10 +913,10 @@ fn readable_within(fd: &EventFd, timeout: std::time::Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blk::inflight::{
+    use crate::test_util::{guest_memory, memfd_disk, request_header, TestRing};
+    use crate::vhost_user_server::inflight_region::{
         checked_region_size, new_region_memfd, InflightLimits, InflightMap,
     };
-    use crate::blk::test_util::{guest_memory, memfd_disk, request_header, TestRing};
     use vhost_frontend::wire::inflight::SplitQueue;
     use vhost_frontend::wire::InflightDescription;
 
@@ -1051,7 +969,7 @@ mod tests {
     use vm_memory::Bytes;
 
     struct Running {
-        mem: crate::blk::memory::MappedMemory,
+        mem: crate::vhost_user_server::memory::MappedMemory,
         _ram: std::fs::File,
         ring: TestRing,
         disk: Arc<Disk>,

@@ -28,7 +28,7 @@ use vm_memory::{
 };
 
 use super::disk::{Disk, RangeError, DISK_ID_LEN};
-use super::memory_faults::thread_faults;
+use crate::vhost_user_server::memory_faults::thread_faults;
 
 /// Size of the request header (struct virtio_blk_outhdr).
 pub const REQUEST_HEADER_LEN: usize = 16;
@@ -457,7 +457,7 @@ fn write_to_buffers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blk::test_util::{
+    use crate::test_util::{
         guest_memory, memfd_disk, pop_chain, request_header, TestRing, VIRTQ_DESC_F_NEXT,
         VIRTQ_DESC_F_WRITE,
     };
@@ -471,7 +471,7 @@ mod tests {
     const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
     struct Fixture {
-        mem: crate::blk::memory::MappedMemory,
+        mem: crate::vhost_user_server::memory::MappedMemory,
         ring: TestRing,
         disk: Disk,
         disk_file: std::fs::File,

@@ -259,7 +259,7 @@ fn page_size() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blk::test_util::memfd;
+    use crate::test_util::memfd;
     use vm_memory::{Bytes, GuestMemoryBackend};
 
     fn region(gpa: u64, size: u64, user: u64, offset: u64) -> RegionLayout {

@@ -293,7 +293,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blk::test_util::memfd;
+    use crate::test_util::memfd;
     use std::os::fd::AsFd;
 
     /// A shared mapping of `file` (as MappedMemory makes), unmapped on drop.

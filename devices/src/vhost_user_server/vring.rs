@@ -6,18 +6,36 @@
 //! in-flight requests and remembers the next avail index), applies the change, then resumes if the
 //! ring is still complete. So the order of SET_VRING_* messages does not matter, a kick fd can be
 //! replaced, and a ring can be stopped (GET_VRING_BASE) and started again.
+//!
+//! ```text
+//!  session: SET_VRING_* ─► pause() ─► RingWorker::stop ─► next_avail kept
+//!                          set_*()
+//!                          resume() ─► complete & enabled? ─► VhostUserDevice::start_ring ─► worker
+//! ```
+//!
+//! What "serving" means is the device's (`VhostUserDevice::start_ring`); this module only knows
+//! the worker it got back can be stopped and says where it stopped.
 
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::Arc;
 
 use tracing::{info, warn};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::disk::Disk;
-use super::inflight::InflightMap;
+use super::device::{RingSetup, RingWorker, VhostUserDevice};
+use super::inflight_region::InflightMap;
 use super::memory::MappedMemory;
+use super::notifier::Notifier;
 use super::peer_fd::escape_os_for_log;
-use super::queue_worker::{CompletionDelay, Notifier, QueueSetup, QueueWorker, RingAddresses};
+
+/// The three ring addresses, already translated to guest physical addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingAddresses {
+    pub desc_table: GuestAddress,
+    pub avail_ring: GuestAddress,
+    pub used_ring: GuestAddress,
+}
 
 /// Ring addresses as the frontend sends them: in *its* virtual address space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,21 +59,19 @@ impl UserRingAddresses {
     }
 }
 
-/// What a vring needs from the device around it to start.
+/// What a vring needs from the session around it to start.
 pub struct RunContext<'a> {
     pub memory: Option<&'a MappedMemory>,
-    pub disk: &'a Arc<Disk>,
     /// With VHOST_USER_F_PROTOCOL_FEATURES negotiated a ring starts disabled and waits for
     /// SET_VRING_ENABLE 1; without it, a ring is enabled as soon as it is started (spec).
     pub starts_disabled: bool,
     /// The SET_INFLIGHT_FD region, if the frontend gave one: every ring is then tracked in it.
     pub inflight: Option<&'a Arc<InflightMap>>,
-    /// The backend's test option (see `CompletionDelay`).
-    pub completion_delay: Option<CompletionDelay>,
 }
 
+/// One ring of a session; `W` is the device's running ring ([`VhostUserDevice::Ring`]).
 #[derive(Debug)]
-pub struct Vring {
+pub struct Vring<W: RingWorker> {
     index: u16,
     size: Option<u16>,
     addresses: Option<UserRingAddresses>,
@@ -64,10 +80,10 @@ pub struct Vring {
     call: Arc<Notifier>,
     err: Arc<Notifier>,
     enabled: bool,
-    worker: Option<QueueWorker>,
+    worker: Option<W>,
 }
 
-impl Drop for Vring {
+impl<W: RingWorker> Drop for Vring<W> {
     /// The worker is stopped (its threads joined), and a `signal_detached` helper that a peer
     /// wedged on a full counter is released, so nothing of this ring outlives the session.
     fn drop(&mut self) {
@@ -77,7 +93,7 @@ impl Drop for Vring {
     }
 }
 
-impl Vring {
+impl<W: RingWorker> Vring<W> {
     pub fn new(index: u16) -> Self {
         Vring {
             index,
@@ -106,7 +122,10 @@ impl Vring {
     /// Starts a worker if the ring is complete, enabled and not running yet. A ring the guest
     /// placed outside its memory is not a protocol error: it is logged, the err fd is written,
     /// and the ring stays stopped until the frontend changes something.
-    pub fn resume(&mut self, ctx: &RunContext<'_>) {
+    pub fn resume<D>(&mut self, device: &D, ctx: &RunContext<'_>)
+    where
+        D: VhostUserDevice<Ring = W>,
+    {
         if self.worker.is_some() || (ctx.starts_disabled && !self.enabled) {
             return;
         }
@@ -160,7 +179,7 @@ impl Vring {
                 return;
             }
         };
-        let setup = QueueSetup {
+        let setup = RingSetup {
             index: self.index,
             size,
             rings,
@@ -169,9 +188,9 @@ impl Vring {
             call: Arc::clone(&self.call),
             err: Arc::clone(&self.err),
             inflight,
-            completion_delay: ctx.completion_delay,
+            memory: Arc::clone(memory.guest()),
         };
-        match QueueWorker::start(setup, Arc::clone(memory.guest()), Arc::clone(ctx.disk)) {
+        match device.start_ring(setup) {
             Ok(worker) => {
                 info!(
                     queue = self.index,
@@ -264,7 +283,7 @@ mod tests {
 
     #[test]
     fn a_non_eventfd_named_to_forge_log_lines_is_refused_on_one_line() {
-        let path = crate::blk::test_util::temp_path("kick\nERROR forged line");
+        let path = crate::test_util::temp_path("kick\nERROR forged line");
         let file = std::fs::File::create(&path).unwrap();
         let err = eventfd_from_peer(OwnedFd::from(file), "SET_VRING_KICK").unwrap_err();
         std::fs::remove_file(&path).unwrap();
