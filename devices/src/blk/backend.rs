@@ -29,11 +29,10 @@ use vhost_frontend::features::{
     bit_mask, PROTOCOL_CONFIG, PROTOCOL_INFLIGHT_SHMFD, PROTOCOL_MQ, PROTOCOL_REPLY_ACK,
     VIRTIO_ID_BLOCK, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use vhost_frontend::wire::WireError;
 
 use super::config::{offered_virtio_features, BlkConfig};
 use super::disk::Disk;
-use super::queue_worker::{QueueError, QueueSetup, QueueWorker};
+use super::queue_worker::{QueueError, QueueWorker};
 use crate::vhost_user_server::{self as server, RingSetup, ServeError, VhostUserDevice};
 
 pub use super::queue_worker::{CompletionDelay, CompletionDelayError};
@@ -66,48 +65,12 @@ pub enum BlkError {
     InvalidConfig(String),
     #[error("cannot open disk image {path}: {source}")]
     OpenDisk { path: PathBuf, source: io::Error },
-    /// The frontend sent something this backend cannot accept; the connection was closed.
-    #[error("frontend broke the protocol: {0}")]
-    Protocol(String),
-    /// The socket failed for a reason other than the frontend hanging up.
-    #[error("vhost-user socket error: {0}")]
-    Wire(WireError),
-    #[error("cannot set up the listening socket {path}: {source}")]
-    Listen { path: PathBuf, source: io::Error },
     #[error("cannot create the socket pair or thread: {0}")]
     Spawn(io::Error),
-    /// The frontend did not send SET_OWNER in time (see [`HANDSHAKE_TIMEOUT`]); it was dropped.
-    #[error("the frontend did not complete the handshake (SET_OWNER) within {0:?}; dropped it")]
-    HandshakeTimeout(Duration),
-    /// The frontend shrank a memory fd after SET_MEM_TABLE; the requests that touched the
-    /// vanished pages failed (nothing was written from them) and the session was ended.
-    #[error("guest memory region {region} shrank under the session ({faults} fault(s), first at host address {addr:#x}): its requests failed and the connection was closed")]
-    MemoryVanished {
-        region: usize,
-        faults: u64,
-        addr: usize,
-    },
-}
-
-/// The server's errors are this backend's, variant for variant (same messages).
-impl From<ServeError> for BlkError {
-    fn from(e: ServeError) -> Self {
-        match e {
-            ServeError::Protocol(reason) => BlkError::Protocol(reason),
-            ServeError::Wire(e) => BlkError::Wire(e),
-            ServeError::Listen { path, source } => BlkError::Listen { path, source },
-            ServeError::HandshakeTimeout(timeout) => BlkError::HandshakeTimeout(timeout),
-            ServeError::MemoryVanished {
-                region,
-                faults,
-                addr,
-            } => BlkError::MemoryVanished {
-                region,
-                faults,
-                addr,
-            },
-        }
-    }
+    /// What the protocol server reports: the frontend broke the protocol, the socket failed,
+    /// the handshake timed out, guest memory vanished, the listener could not be set up.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
 }
 
 /// A virtio-blk device served over vhost-user. Holds the opened image; each `serve` call is one
@@ -273,17 +236,6 @@ impl VhostUserDevice for BlkBackend {
     }
 
     fn start_ring(&self, ring: RingSetup) -> Result<QueueWorker, QueueError> {
-        let setup = QueueSetup {
-            index: ring.index,
-            size: ring.size,
-            rings: ring.rings,
-            next_avail: ring.next_avail,
-            kick: ring.kick,
-            call: ring.call,
-            err: ring.err,
-            inflight: ring.inflight,
-            completion_delay: self.completion_delay,
-        };
-        QueueWorker::start(setup, ring.memory, Arc::clone(&self.disk))
+        QueueWorker::start(ring, Arc::clone(&self.disk), self.completion_delay)
     }
 }

@@ -29,6 +29,7 @@ use crate::test_util::{
 };
 use crate::vhost_user_server::inflight_region::MEMFD_NAME;
 use crate::vhost_user_server::test_frontend::{start_queue, wait_call, FakeFrontend, FRONTEND_VA};
+use crate::vhost_user_server::ServeError;
 
 fn disk_image(sectors: u64) -> PathBuf {
     let path = temp_path("disk.img");
@@ -100,7 +101,13 @@ fn a_memory_fd_shrunk_under_the_session_ends_it_and_writes_nothing() {
     kick.write(1).unwrap();
     let end = backend.join().expect("backend thread");
     assert!(
-        matches!(end, Err(BlkError::MemoryVanished { region: 0, .. })),
+        matches!(
+            end,
+            Err(BlkError::Serve(ServeError::MemoryVanished {
+                region: 0,
+                ..
+            }))
+        ),
         "{end:?}"
     );
     let disk = std::fs::read(&path).unwrap();
@@ -313,7 +320,7 @@ fn hostile_inflight_messages_get_failure_acks_and_leak_no_fd() {
     ));
     assert!(matches!(
         backend.join().unwrap(),
-        Err(BlkError::Protocol(_))
+        Err(BlkError::Serve(ServeError::Protocol(_)))
     ));
     assert_eq!(fds_referring_to(&memfd), 1);
     std::fs::remove_file(&path).unwrap();
@@ -702,7 +709,7 @@ fn bad_messages_get_failure_acks_and_the_session_goes_on() {
     ));
     assert!(matches!(
         backend.join().unwrap(),
-        Err(BlkError::Protocol(_))
+        Err(BlkError::Serve(ServeError::Protocol(_)))
     ));
     std::fs::remove_file(&path).unwrap();
 }

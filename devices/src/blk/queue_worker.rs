@@ -41,11 +41,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::disk::Disk;
 use super::inflight::{QueueTracker, RecoveryError, ResubmitParser};
 use super::request::{BlkRequest, Completion};
-use crate::vhost_user_server::inflight_region::QueueRegion;
 use crate::vhost_user_server::notifier::Notifier;
 use crate::vhost_user_server::peer_fd;
-use crate::vhost_user_server::vring::RingAddresses;
-use crate::vhost_user_server::RingWorker;
+use crate::vhost_user_server::{RingSetup, RingWorker};
 
 /// I/O threads per queue: enough for several requests in flight without a thread per request.
 pub const IO_THREADS_PER_QUEUE: usize = 4;
@@ -68,29 +66,6 @@ pub const IN_FLIGHT_BOOKKEEPING_BUDGET: usize = 1 << 20;
 /// How often a stopping queue releases writers of ours that a peer wedged on a full call or err
 /// counter (`peer_fd`'s residual window) while it waits for its threads.
 const STOP_RESCUE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Everything a queue needs to run.
-#[derive(Debug)]
-pub struct QueueSetup {
-    pub index: u16,
-    /// Ring size from SET_VRING_NUM (a power of two).
-    pub size: u16,
-    pub rings: RingAddresses,
-    /// From SET_VRING_BASE: the first avail ring entry not yet consumed.
-    pub next_avail: u16,
-    /// The worker's own handle on the kick eventfd (the vring keeps the original, so a failed
-    /// start or a stop never loses it).
-    pub kick: EventFd,
-    pub call: Arc<Notifier>,
-    pub err: Arc<Notifier>,
-    /// This queue's part of the SET_INFLIGHT_FD region, when the frontend gave one: the worker
-    /// recovers it at start and tracks every request in it.
-    pub inflight: Option<QueueRegion>,
-    /// Test option (`vmm blk-backend --delay-completions`): hold each finished request this long
-    /// before it is published, so completions land out of order and a kill finds requests in
-    /// flight.
-    pub completion_delay: Option<CompletionDelay>,
-}
 
 /// A random wait in `min..=max` before each completion is published (a test option).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,11 +192,13 @@ pub struct QueueWorker {
 
 impl QueueWorker {
     /// Checks the ring against guest memory and starts serving it.
+    /// `completion_delay`: the `--delay-completions` test option (see [`CompletionDelay`]).
     pub fn start(
-        setup: QueueSetup,
-        mem: Arc<GuestMemoryMmap>,
+        setup: RingSetup,
         disk: Arc<Disk>,
+        completion_delay: Option<CompletionDelay>,
     ) -> Result<Self, QueueError> {
+        let mem = Arc::clone(&setup.memory);
         let index = setup.index;
         let mut queue = build_queue(&setup, &mem)?;
         let (inflight, resubmission) = recover_inflight(&setup, &mut queue, &mem)?;
@@ -248,7 +225,7 @@ impl QueueWorker {
             disk,
             call: setup.call,
             err: setup.err,
-            completion_delay: setup.completion_delay,
+            completion_delay,
         });
         let kick = setup.kick;
         let queue_size = usize::from(setup.size);
@@ -343,7 +320,7 @@ impl Drop for QueueWorker {
     }
 }
 
-fn build_queue(setup: &QueueSetup, mem: &GuestMemoryMmap) -> Result<Queue, QueueError> {
+fn build_queue(setup: &RingSetup, mem: &GuestMemoryMmap) -> Result<Queue, QueueError> {
     let index = setup.index;
     let mut queue = Queue::new(setup.size).map_err(|_| QueueError::InvalidSize {
         index,
@@ -376,7 +353,7 @@ fn build_queue(setup: &QueueSetup, mem: &GuestMemoryMmap) -> Result<Queue, Queue
 /// this overrides SET_VRING_BASE (as libvhost-user does), which after a crash is only the
 /// frontend's guess (QEMU sends used->idx).
 fn recover_inflight(
-    setup: &QueueSetup,
+    setup: &RingSetup,
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
 ) -> Result<(Option<QueueTracker>, Option<Resubmission>), QueueError> {
@@ -915,7 +892,7 @@ mod tests {
     use super::*;
     use crate::test_util::{guest_memory, memfd_disk, request_header, TestRing};
     use crate::vhost_user_server::inflight_region::{
-        checked_region_size, new_region_memfd, InflightLimits, InflightMap,
+        checked_region_size, new_region_memfd, InflightLimits, InflightMap, QueueRegion,
     };
     use vhost_frontend::wire::inflight::SplitQueue;
     use vhost_frontend::wire::InflightDescription;
@@ -1028,7 +1005,7 @@ mod tests {
             completion_delay: Option<CompletionDelay>,
         ) -> Result<QueueWorker, QueueError> {
             QueueWorker::start(
-                QueueSetup {
+                RingSetup {
                     index: 0,
                     size: self.ring.size,
                     rings: self.ring.rings,
@@ -1037,10 +1014,10 @@ mod tests {
                     call: Arc::clone(&self.call_notifier),
                     err: Arc::clone(&self.err_notifier),
                     inflight,
-                    completion_delay,
+                    memory: Arc::clone(self.mem.guest()),
                 },
-                Arc::clone(self.mem.guest()),
                 Arc::clone(&self.disk),
+                completion_delay,
             )
         }
 
@@ -1329,7 +1306,7 @@ mod tests {
             ring.write_desc(&g, head, table, (16 * n) as u32, VIRTQ_DESC_F_INDIRECT, 0);
         }
         let worker = QueueWorker::start(
-            QueueSetup {
+            RingSetup {
                 index: 0,
                 size: ring.size,
                 rings: ring.rings,
@@ -1338,10 +1315,10 @@ mod tests {
                 call: Arc::clone(&r.call_notifier),
                 err: Arc::clone(&r.err_notifier),
                 inflight: None,
-                completion_delay: None,
+                memory: Arc::clone(r.mem.guest()),
             },
-            Arc::clone(r.mem.guest()),
             Arc::clone(&r.disk),
+            None,
         )
         .unwrap();
         let gate = worker.shared.test_io_gate.write().unwrap();
