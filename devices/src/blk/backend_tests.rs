@@ -362,22 +362,28 @@ fn inflight_messages_need_the_protocol_feature() {
     std::fs::remove_file(&path).unwrap();
 }
 
-/// The restart case: a fresh backend gets SET_INFLIGHT_FD with no GET before it, on a region
-/// a killed backend left with head 0 inflight, and SET_VRING_BASE 0 (the used idx, as QEMU
-/// sends after a crash) while the avail ring already says 1. The request runs once: resubmitted
-/// from the region, not popped again.
-#[test]
-fn a_restarted_backend_resubmits_what_the_region_records() {
-    let path = disk_image(64);
-    let (fe, backend) = spawn(&path, false);
-    handshake(&fe);
+/// Guest RAM with a 128-entry ring holding one request, head 0, not yet seen by any backend:
+/// write 512 bytes of `byte` to sector `sector` (header at 0x10000, data at 0x11000, status at
+/// 0x12000).
+fn one_write_queued(
+    sector: u64,
+    byte: u8,
+) -> (
+    u64,
+    crate::vhost_user_server::memory::MappedMemory,
+    std::fs::File,
+    TestRing,
+) {
     let ram_size = 0x20_0000;
     let (mem, ram) = guest_memory(ram_size);
     let g = mem.guest().clone();
     let mut ring = TestRing::new(128, 0x1000);
-    g.write_slice(&request_header(VIRTIO_BLK_T_OUT, 3), GuestAddress(0x10000))
-        .unwrap();
-    g.write_slice(&[0x3c; 512], GuestAddress(0x11000)).unwrap();
+    g.write_slice(
+        &request_header(VIRTIO_BLK_T_OUT, sector),
+        GuestAddress(0x10000),
+    )
+    .unwrap();
+    g.write_slice(&[byte; 512], GuestAddress(0x11000)).unwrap();
     let head = ring.add_chain(
         &g,
         &[
@@ -387,6 +393,20 @@ fn a_restarted_backend_resubmits_what_the_region_records() {
         ],
     );
     assert_eq!(head, 0);
+    (ram_size, mem, ram, ring)
+}
+
+/// The restart case: a fresh backend gets SET_INFLIGHT_FD with no GET before it, on a region
+/// a killed backend left with head 0 inflight, and SET_VRING_BASE 0 (the used idx, as QEMU
+/// sends after a crash) while the avail ring already says 1. The request runs once: resubmitted
+/// from the region, not popped again.
+#[test]
+fn a_restarted_backend_resubmits_what_the_region_records() {
+    let path = disk_image(64);
+    let (fe, backend) = spawn(&path, false);
+    handshake(&fe);
+    let (ram_size, mem, ram, ring) = one_write_queued(3, 0x3c);
+    let g = mem.guest().clone();
     // The dead backend's record: version 1, desc_num 128, used_idx 0, desc 0 inflight.
     let mut bytes = vec![0u8; 4096];
     bytes[8..10].copy_from_slice(&1u16.to_le_bytes());
@@ -438,21 +458,8 @@ fn a_ring_larger_than_the_inflight_region_is_served_untracked() {
     let path = disk_image(64);
     let (fe, backend) = spawn(&path, false);
     handshake(&fe);
-    let ram_size = 0x20_0000;
-    let (mem, ram) = guest_memory(ram_size);
+    let (ram_size, mem, ram, ring) = one_write_queued(2, 0x5e);
     let g = mem.guest().clone();
-    let mut ring = TestRing::new(128, 0x1000);
-    g.write_slice(&request_header(VIRTIO_BLK_T_OUT, 2), GuestAddress(0x10000))
-        .unwrap();
-    g.write_slice(&[0x5e; 512], GuestAddress(0x11000)).unwrap();
-    ring.add_chain(
-        &g,
-        &[
-            (0x10000, 16, false),
-            (0x11000, 512, false),
-            (0x12000, 1, true),
-        ],
-    );
     // A fresh region of 16 entries per queue, for a ring of 128.
     let bytes = vec![0u8; 4096];
     let region = sealed_memfd("fe-small-inflight", &bytes);
