@@ -145,7 +145,7 @@ impl<W: RingWorker> Vring<W> {
         // With a region, every ring it can cover is tracked. One it cannot (QEMU sizes the region
         // by its queue-size property, 128 by default, while a virtio-mmio driver may pick a larger
         // ring) is served without tracking, loudly: refusing it would hang the guest's I/O for
-        // good, and writing entries past the region is what libvhost-user does (out of bounds).
+        // good, and recording heads past its end would write out of bounds.
         // Such a ring is then as safe across a backend crash as with a backend that offers no
         // INFLIGHT_SHMFD: right for requests completed in order, not beyond (README).
         let untracked = |why: String| {
