@@ -10,6 +10,8 @@ use devices::blk::{BlkBackend, BlkBackendConfig};
 use vmm::config::{self, VmConfig};
 use vmm::vm::Vm;
 
+mod reconnect_test;
+
 #[derive(Parser)]
 #[command(
     name = "vmm",
@@ -75,6 +77,32 @@ enum Command {
         /// had in flight, as one without tracking would. For measuring what tracking costs.
         #[arg(long)]
         no_inflight: bool,
+    },
+    /// Kill a vhost-user-blk backend at random moments while the embedded test guest writes
+    /// and verifies, restart it each time, and report what it lost (exit 0: nothing).
+    ReconnectTest {
+        /// The backend's shell command line, with {socket} and {disk} placeholders, e.g.
+        /// 'vmm blk-backend --socket {socket} --file {disk}'.
+        #[arg(long)]
+        backend: String,
+        /// SIGKILLs to deliver.
+        #[arg(long, default_value_t = 20)]
+        kills: u32,
+        /// Requests the guest keeps in flight.
+        #[arg(long, default_value_t = 16)]
+        queue_depth: u16,
+        /// Size of the disk the backend serves (sparse), e.g. 64M.
+        #[arg(long, default_value = "64M")]
+        disk_size: String,
+        /// Seed of the kill moments and of the guest's pattern (default: from the clock).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Also write the report as JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Keep the temp directory (disk, logs) and print its path.
+        #[arg(long)]
+        keep: bool,
     },
     /// Show the virtual CPU `vmm run` gives its guests: the CPUID table (every change to KVM's
     /// marked) and the MSRs, or the rules behind it, or KVM's own table for capturing test data.
@@ -148,6 +176,39 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 .with_inflight(!no_inflight)
                 .listen_on(&socket)?;
             Ok(0)
+        }
+        Command::ReconnectTest {
+            backend,
+            kills,
+            queue_depth,
+            disk_size,
+            seed,
+            json,
+            keep,
+        } => {
+            let seed = seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64 % 1_000_000_000)
+                    .unwrap_or(1)
+            });
+            eprintln!("reconnect-test: --seed {seed}");
+            let options = reconnect_test::Options {
+                backend,
+                kills,
+                queue_depth,
+                disk_size: config::parse_mem_size(&disk_size)
+                    .map_err(|e| anyhow::anyhow!("--disk-size {disk_size}: {e}"))?,
+                seed,
+                keep,
+            };
+            let report = reconnect_test::run(&options)?;
+            print!("{}", report.text());
+            if let Some(path) = json {
+                std::fs::write(&path, report.json())
+                    .map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
+            }
+            Ok(if report.passed() { 0 } else { 1 })
         }
         Command::Cpuid {
             cpus,

@@ -73,6 +73,10 @@ pub struct Options {
     /// verify the last pass. A write of an earlier pass that the backend replays after a later
     /// one completed (a recovery bug) leaves a wrong block.
     pub passes: u64,
+    /// blk-write-verify: a byte on the serial port (the VMM's stdin) ends the writing at the end
+    /// of the pass under way; that pass is then the last and is verified (`vmm reconnect-test`
+    /// stops a long run this way once its kills are done).
+    pub stop_on_input: bool,
     pub reqs: u64,
     pub qd: u16,
     pub rw: ReadWrite,
@@ -89,6 +93,7 @@ impl Default for Options {
             start: 0,
             seed: 1,
             passes: 1,
+            stop_on_input: false,
             reqs: 10_000,
             qd: 1,
             rw: ReadWrite::RandRead,
@@ -211,6 +216,10 @@ pub fn parse(cmdline: &str) -> Result<Config, CmdlineError<'_>> {
             options.reset = true;
             continue;
         }
+        if token == "stop-on-input" {
+            options.stop_on_input = true;
+            continue;
+        }
         let Some((key, value)) = token.split_once('=') else {
             return Err(CmdlineError::UnknownTest(token));
         };
@@ -282,6 +291,13 @@ mod tests {
         assert!(config.options.reset);
         assert_eq!(config.options.qd, 4);
         assert_eq!(config.options.passes, 1);
+        assert!(!config.options.stop_on_input);
+        assert!(
+            parse("blk-write-verify stop-on-input")
+                .unwrap()
+                .options
+                .stop_on_input
+        );
         assert_eq!(
             parse("blk-write-verify passes=3").unwrap().options.passes,
             3

@@ -6,6 +6,7 @@ use core::fmt::{self, Write};
 const COM1: u16 = 0x3f8;
 const LINE_STATUS: u16 = COM1 + 5;
 const TRANSMIT_EMPTY: u8 = 0x20;
+const DATA_READY: u8 = 0x01;
 
 pub fn init() {
     outb(COM1 + 1, 0x00); // no UART interrupts: output is polled
@@ -21,6 +22,11 @@ fn put(byte: u8) {
         }
     }
     outb(COM1, byte);
+}
+
+/// Whether a received byte waits in the UART (it is left there).
+pub fn input_ready() -> bool {
+    inb(LINE_STATUS) & DATA_READY != 0
 }
 
 pub struct Serial;

@@ -130,7 +130,7 @@ pub fn write_verify(config: &Config) -> Outcome {
 
     // Write: request i writes block start+i as sequence number i; pass p uses seed + p, and the
     // last pass is what must be read back.
-    let passes = options.passes;
+    let mut passes = options.passes;
     for pass in 0..passes {
         let pass_seed = seed.wrapping_add(pass);
         pipeline(
@@ -146,6 +146,11 @@ pub fn write_verify(config: &Config) -> Outcome {
         )?;
         if passes > 1 {
             println!("{TEST}: pass {}/{passes} written", pass + 1);
+        }
+        if options.stop_on_input && pass + 1 < passes && crate::serial::input_ready() {
+            println!("{TEST}: stopped by input after pass {}", pass + 1);
+            passes = pass + 1;
+            break;
         }
     }
     let seed = seed.wrapping_add(passes - 1);

@@ -1,0 +1,232 @@
+//! `vmm reconnect-test`, end to end: the harness passes our backend through 50 kills, catches a
+//! backend that keeps no inflight record while completing out of order, and refuses bad input
+//! with one line, leaving no process and no temp directory behind.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use integration_tests::{require_kvm, run_with_timeout, vmm_bin, Outcome};
+
+fn our_backend(extra: &str) -> String {
+    format!(
+        "'{}' blk-backend --socket {{socket}} --file {{disk}} --delay-completions 50-1500{extra}",
+        vmm_bin().display()
+    )
+}
+
+/// A private TMPDIR per test, so "no temp directory left" is checkable.
+fn tmpdir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("reconnect-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create tmpdir");
+    dir
+}
+
+fn reconnect_test(tmp: &PathBuf, args: &[&str], timeout: Duration) -> Outcome {
+    let mut cmd = Command::new(vmm_bin());
+    cmd.env("TMPDIR", tmp).arg("reconnect-test").args(args);
+    run_with_timeout(&mut cmd, timeout)
+}
+
+/// Nothing left in TMPDIR, and no process whose command line names it.
+fn assert_nothing_left(tmp: &PathBuf) {
+    assert_nothing_left_named(tmp, "\u{0}never");
+}
+
+/// As [`assert_nothing_left`], and no process whose command line contains `also`.
+fn assert_nothing_left_named(tmp: &PathBuf, also: &str) {
+    let left: Vec<_> = std::fs::read_dir(tmp)
+        .expect("read tmpdir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let needle = tmp.to_string_lossy().into_owned();
+    let start = Instant::now();
+    loop {
+        let stray: Vec<String> = std::fs::read_dir("/proc")
+            .expect("/proc")
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&needle) || c.contains(also))
+            .collect();
+        if stray.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "stray processes: {stray:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_dir_all(tmp);
+}
+
+fn field(json: &str, key: &str) -> String {
+    let pat = format!("\"{key}\": ");
+    let rest = json
+        .split_once(&pat)
+        .unwrap_or_else(|| panic!("no {key} in {json}"))
+        .1;
+    rest.split([',', '\n'])
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn our_backend_survives_50_kills() {
+    require_kvm();
+    let tmp = tmpdir("ours");
+    let json = tmp.with_extension("json");
+    let backend = our_backend("");
+    let started = Instant::now();
+    let out = reconnect_test(
+        &tmp,
+        &[
+            "--backend",
+            &backend,
+            "--kills",
+            "50",
+            "--disk-size",
+            "16M",
+            "--seed",
+            "5",
+            "--json",
+            json.to_str().expect("utf-8 path"),
+        ],
+        Duration::from_secs(180),
+    );
+    eprintln!("took {:?}\n{}", started.elapsed(), out.stdout);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert!(
+        out.stdout.contains("kills:               50 of 50"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stdout.contains("recoveries:          50"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stdout.contains("INFLIGHT_SHMFD:      yes"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stdout.contains("disk file:           0 wrong blocks"),
+        "{}",
+        out.describe()
+    );
+    let report = std::fs::read_to_string(&json).expect("the JSON report");
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(field(&report, "kills"), "50");
+    assert_eq!(field(&report, "recoveries"), "50");
+    assert_eq!(field(&report, "wrong_blocks"), "0");
+    assert_eq!(field(&report, "inflight_shmfd"), "true");
+    assert_eq!(field(&report, "passed"), "true");
+    assert_nothing_left(&tmp);
+}
+
+/// Planted flaw: no inflight tracking while completions come out of order. What was completed
+/// ahead of an older request is executed again, the older one is never executed: the harness
+/// must see it (the guest's failure, wrong blocks, or a hang) and exit non-zero.
+#[test]
+fn a_backend_without_inflight_tracking_is_caught() {
+    require_kvm();
+    let tmp = tmpdir("noinflight");
+    let backend = our_backend(" --no-inflight");
+    let out = reconnect_test(
+        &tmp,
+        &[
+            "--backend",
+            &backend,
+            "--kills",
+            "50",
+            "--disk-size",
+            "16M",
+            "--seed",
+            "5",
+        ],
+        Duration::from_secs(180),
+    );
+    eprintln!("{}", out.stdout);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stdout.contains("INFLIGHT_SHMFD:      no"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stdout.contains("verdict:             FAIL"),
+        "{}",
+        out.describe()
+    );
+    let caught = !out.stdout.contains("disk file:           0 wrong blocks")
+        || !out.stdout.contains("hangs:               0")
+        || !out.stdout.contains("guest:               PASS");
+    assert!(caught, "{}", out.describe());
+    assert_nothing_left(&tmp);
+}
+
+fn assert_refused(tag: &str, backend: &str, want: &str) {
+    assert_refused_named(tag, backend, want, "\u{0}never");
+}
+
+fn assert_refused_named(tag: &str, backend: &str, want: &str, also: &str) {
+    let tmp = tmpdir(tag);
+    let started = Instant::now();
+    let out = reconnect_test(
+        &tmp,
+        &["--backend", backend, "--kills", "3"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    let errors: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("vmm: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{}", out.describe());
+    assert!(
+        errors[0].contains(want),
+        "wanted '{want}'\n{}",
+        out.describe()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_nothing_left_named(&tmp, also);
+}
+
+#[test]
+fn a_command_without_a_placeholder_is_refused() {
+    assert_refused("nosocket", "true --file {disk}", "no {socket} placeholder");
+    assert_refused("nodisk", "true --socket {socket}", "no {disk} placeholder");
+}
+
+#[test]
+fn a_backend_that_never_creates_its_socket_is_refused() {
+    // `sleep` may be exec'd by the shell, so its own command line is looked for too.
+    assert_refused_named(
+        "silent",
+        "sleep 3017 # {socket} {disk}",
+        "the backend did not listen on",
+        "sleep 3017",
+    );
+}
+
+#[test]
+fn a_backend_that_exits_at_once_is_refused() {
+    assert_refused(
+        "exits",
+        "echo cannot open {disk} for {socket} >&2; exit 3",
+        "the backend exited (exit status: 3) before listening on its socket; its last line: cannot open",
+    );
+}
