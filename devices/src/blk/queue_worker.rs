@@ -1269,17 +1269,18 @@ mod tests {
     /// 128 legal requests of MAX_CHAIN_DESCRIPTORS descriptors each (seg_max + 2 for the
     /// largest seg_max offered, through one shared indirect table), with the I/O threads held:
     /// the queue stops popping at its budget, then serves every one once they run again.
-    #[test]
-    fn in_flight_bookkeeping_stays_within_the_queue_budget() {
+    /// Every descriptor of `ring` is an indirect one pointing at the same table of
+    /// MAX_CHAIN_DESCRIPTORS entries: a GET_ID request whose data is one byte per descriptor,
+    /// the most bookkeeping one request can cost. Returns where the (shared) status byte is.
+    fn every_head_points_at_the_longest_indirect_table(
+        g: &GuestMemoryMmap,
+        ring: &TestRing,
+    ) -> u64 {
         use crate::blk::request::MAX_CHAIN_DESCRIPTORS;
         use virtio_bindings::virtio_blk::VIRTIO_BLK_T_GET_ID;
         const VIRTQ_DESC_F_INDIRECT: u16 = 4;
-        let r = setup();
-        let g = r.mem.guest().clone();
-        let table = 0x1c_0000u64;
-        let header = 0x1d_0000u64;
-        let data = 0x1d_1000u64;
-        let status = 0x1d_2000u64;
+        let (table, header, data, status) =
+            (0x1c_0000u64, 0x1d_0000u64, 0x1d_1000u64, 0x1d_2000u64);
         g.write_slice(
             &request_header(VIRTIO_BLK_T_GET_ID, 0),
             GuestAddress(header),
@@ -1300,11 +1301,20 @@ mod tests {
             raw[14..16].copy_from_slice(&((i + 1) as u16).to_le_bytes());
             g.write_slice(&raw, GuestAddress(table + 16 * i)).unwrap();
         }
+        for head in 0..ring.size {
+            ring.write_desc(g, head, table, (16 * n) as u32, VIRTQ_DESC_F_INDIRECT, 0);
+        }
+        status
+    }
+
+    #[test]
+    fn in_flight_bookkeeping_stays_within_the_queue_budget() {
+        use crate::blk::request::MAX_CHAIN_DESCRIPTORS;
+        let r = setup();
+        let g = r.mem.guest().clone();
         let mut ring = r.ring;
         let heads = ring.size;
-        for head in 0..heads {
-            ring.write_desc(&g, head, table, (16 * n) as u32, VIRTQ_DESC_F_INDIRECT, 0);
-        }
+        let status = every_head_points_at_the_longest_indirect_table(&g, &ring);
         let worker = QueueWorker::start(
             RingSetup {
                 index: 0,
@@ -1592,38 +1602,10 @@ mod tests {
     /// completes them all before it returns, as it does for popped ones.
     #[test]
     fn a_stop_during_resubmission_completes_every_recovered_request() {
-        use crate::blk::request::MAX_CHAIN_DESCRIPTORS;
-        use virtio_bindings::virtio_blk::VIRTIO_BLK_T_GET_ID;
-        const VIRTQ_DESC_F_INDIRECT: u16 = 4;
         let r = setup();
         let g = r.mem.guest().clone();
-        let (table, header, data, status) =
-            (0x1c_0000u64, 0x1d_0000u64, 0x1d_1000u64, 0x1d_2000u64);
-        g.write_slice(
-            &request_header(VIRTIO_BLK_T_GET_ID, 0),
-            GuestAddress(header),
-        )
-        .unwrap();
-        let n = MAX_CHAIN_DESCRIPTORS as u64;
-        for i in 0..n {
-            let (addr, len, flags) = match i {
-                0 => (header, 16, 0),
-                i if i == n - 1 => (status, 1, 2),
-                i => (data + i, 1, 2),
-            };
-            let flags = if i + 1 < n { flags | 1 } else { flags };
-            let mut raw = [0u8; 16];
-            raw[0..8].copy_from_slice(&addr.to_le_bytes());
-            raw[8..12].copy_from_slice(&(len as u32).to_le_bytes());
-            raw[12..14].copy_from_slice(&(flags as u16).to_le_bytes());
-            raw[14..16].copy_from_slice(&((i + 1) as u16).to_le_bytes());
-            g.write_slice(&raw, GuestAddress(table + 16 * i)).unwrap();
-        }
         let heads = r.ring.size;
-        for head in 0..heads {
-            r.ring
-                .write_desc(&g, head, table, (16 * n) as u32, VIRTQ_DESC_F_INDIRECT, 0);
-        }
+        every_head_points_at_the_longest_indirect_table(&g, &r.ring);
         // What a killed backend left: every head consumed, none completed, all inflight.
         let (region, memfd) = inflight_region(heads);
         let stamped = r.start_tracked(0, Some(region.clone()), None).unwrap();
