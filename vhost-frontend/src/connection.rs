@@ -282,20 +282,33 @@ pub fn describe_inflight_region(
     description: &InflightDescription,
     fd: BorrowedFd<'_>,
 ) -> Vec<String> {
-    use std::os::unix::fs::FileExt;
-    let Ok(len) = usize::try_from(description.mmap_size) else {
-        return vec!["inflight region too large to read".into()];
-    };
-    let mut bytes = vec![0u8; len];
-    let read = fd
-        .try_clone_to_owned()
-        .map(std::fs::File::from)
-        .and_then(|file| file.read_exact_at(&mut bytes, description.mmap_offset));
-    if let Err(e) = read {
-        return vec![format!("inflight region unreadable: {e}")];
+    match read_inflight_region(description, fd) {
+        Ok(bytes) => describe_inflight_bytes(description, &bytes),
+        Err(e) => vec![format!("inflight region unreadable: {e}")],
     }
+}
+
+/// A private copy of the inflight region behind `fd` (`pread` of `mmap_size` bytes at
+/// `mmap_offset`, no mapping): decoding a copy means a backend writing the region meanwhile
+/// cannot change a value between two reads.
+pub fn read_inflight_region(
+    description: &InflightDescription,
+    fd: BorrowedFd<'_>,
+) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let len = usize::try_from(description.mmap_size)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "inflight region too large"))?;
+    let mut bytes = vec![0u8; len];
+    // A duplicate: the `File` closes its fd when dropped, and the caller's must stay open.
+    let file = std::fs::File::from(fd.try_clone_to_owned()?);
+    file.read_exact_at(&mut bytes, description.mmap_offset)?;
+    Ok(bytes)
+}
+
+/// One line per queue for a copy of the region (see [`read_inflight_region`]).
+pub fn describe_inflight_bytes(description: &InflightDescription, bytes: &[u8]) -> Vec<String> {
     match crate::wire::inflight::InflightRegion::new(
-        &bytes,
+        bytes,
         description.num_queues,
         description.queue_size,
     ) {

@@ -22,7 +22,8 @@ use std::time::Instant;
 
 use tracing::{debug, info, warn};
 use vhost_frontend::connection::{
-    describe_inflight_region, FrontendError, InflightBuffer, MemoryRegionFd, VhostUserFrontend,
+    describe_inflight_bytes, read_inflight_region, FrontendError, InflightBuffer, MemoryRegionFd,
+    VhostUserFrontend,
 };
 use vhost_frontend::features::{self, PROTOCOL_INFLIGHT_SHMFD, VHOST_USER_F_PROTOCOL_FEATURES};
 use vhost_frontend::wire::inflight::InflightRegion;
@@ -319,14 +320,17 @@ impl Link {
     /// How many requests a returning backend will serve again, per the record: with an inflight
     /// buffer, the entries still marked inflight (minus a last batch that reached the used ring,
     /// which the backend rolls back); without one, what lies in the avail ring past used->idx
-    /// (the backend re-reads it). `None` when the guest memory or the buffer cannot be read.
-    pub(super) fn requests_to_resubmit(&self) -> Option<(u64, &'static str)> {
+    /// (the backend re-reads it). `region` is [`Link::inflight_snapshot`]'s copy. `None` when the
+    /// guest memory or the buffer cannot be read.
+    pub(super) fn requests_to_resubmit(
+        &self,
+        region: Option<&[u8]>,
+    ) -> Option<(u64, &'static str)> {
         let setup = self.record.driver.as_ref()?;
         let mut total = 0u64;
         if let Some(buffer) = &self.record.inflight {
-            let bytes = read_inflight(buffer)?;
             let d = &buffer.description;
-            let region = InflightRegion::new(&bytes, d.num_queues, d.queue_size).ok()?;
+            let region = InflightRegion::new(region?, d.num_queues, d.queue_size).ok()?;
             for queue in &setup.queues {
                 let used = self.memory.read_u16(queue.used_idx_gpa).ok()?;
                 let view = region.queue(queue.index).ok()?;
@@ -349,11 +353,18 @@ impl Link {
         }
     }
 
-    /// One line per queue describing the inflight region, for the log around a replay.
-    pub(super) fn describe_inflight(&self) -> Vec<String> {
-        match &self.record.inflight {
-            Some(buffer) => describe_inflight_region(&buffer.description, buffer.fd.as_fd()),
-            None => Vec::new(),
+    /// A private copy of the inflight buffer as it is now, if one is held and readable.
+    pub(super) fn inflight_snapshot(&self) -> Option<Vec<u8>> {
+        let buffer = self.record.inflight.as_ref()?;
+        read_inflight_region(&buffer.description, buffer.fd.as_fd()).ok()
+    }
+
+    /// One line per queue describing `region` (a snapshot), for the log around a replay.
+    pub(super) fn describe_inflight(&self, region: Option<&[u8]>) -> Vec<String> {
+        match (&self.record.inflight, region) {
+            (Some(buffer), Some(bytes)) => describe_inflight_bytes(&buffer.description, bytes),
+            (Some(_), None) => vec!["inflight region unreadable".into()],
+            (None, _) => Vec::new(),
         }
     }
 
@@ -371,20 +382,6 @@ impl Link {
             }
         }
     }
-}
-
-/// A private copy of the inflight buffer, read through the fd (`pread`, no mapping): decoding a
-/// copy means a backend writing the region meanwhile cannot change a value between two reads.
-fn read_inflight(buffer: &InflightBuffer) -> Option<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let len = usize::try_from(buffer.description.mmap_size).ok()?;
-    let mut bytes = vec![0u8; len];
-    // A duplicate: the `File` closes its fd when dropped, and the buffer's own fd must stay.
-    let fd = buffer.fd.as_fd().try_clone_to_owned().ok()?;
-    let file = std::fs::File::from(fd);
-    file.read_exact_at(&mut bytes, buffer.description.mmap_offset)
-        .ok()?;
-    Some(bytes)
 }
 
 fn started_queue(queue: &RecordedQueue) -> StartedQueue {

@@ -218,13 +218,15 @@ impl ReconnectHandle {
         link.frontend = frontend;
         link.generation += 1;
         link.state = BackendState::Negotiated;
-        let resubmit = link.requests_to_resubmit();
+        // One copy of what the dead backend left, for the count and the log line alike.
+        let region = link.inflight_snapshot();
+        let resubmit = link.requests_to_resubmit(region.as_deref());
         let Some(setup) = link.record.driver.take() else {
             link.frontend.set_sequence_deadline(None);
             self.log_back(&mut link, None);
             return Attempt::Connected;
         };
-        for line in link.describe_inflight() {
+        for line in link.describe_inflight(region.as_deref()) {
             info!("{}: inflight before recovery: {line}", shared.name);
         }
         let result = link.bring_up(
@@ -239,7 +241,8 @@ impl ReconnectHandle {
             Ok(()) => {
                 // Our backend recovers while it starts the rings, before it acks the last
                 // SET_VRING_*: the region now shows the result.
-                for line in link.describe_inflight() {
+                let after = link.inflight_snapshot();
+                for line in link.describe_inflight(after.as_deref()) {
                     info!("{}: inflight after recovery: {line}", shared.name);
                 }
                 link.kick_recorded_queues();
