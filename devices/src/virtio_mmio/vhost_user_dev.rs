@@ -282,25 +282,26 @@ impl VhostUserDevice {
     /// Lets the device come back from a backend that went away: `connector` opens new
     /// connections, `policy` says when to try; the caller's event loop drives the attempts
     /// through [`VhostUserDevice::reconnect_handle`]. `name` names the device in logs.
+    ///
+    /// # Panics
+    /// If a [`ReconnectHandle`] was taken before: it would never see the connector.
     pub fn with_reconnect(
-        self,
+        mut self,
         name: impl Into<String>,
         connector: Box<dyn Connector>,
         policy: ReconnectPolicy,
     ) -> Self {
-        let shared = match Arc::try_unwrap(self.shared) {
-            Ok(shared) => shared,
-            // Only `new` made it, and no handle has been taken yet.
-            Err(shared) => return VhostUserDevice { shared },
-        };
-        VhostUserDevice {
-            shared: Arc::new(Shared {
-                name: name.into(),
-                connector: Mutex::new(Some(connector)),
-                policy,
-                ..shared
-            }),
-        }
+        // A handle taken before this would keep a link that never reconnects: a caller's bug,
+        // and one that must not pass silently.
+        let shared = Arc::get_mut(&mut self.shared)
+            .expect("VhostUserDevice::with_reconnect must come before reconnect_handle");
+        shared.name = name.into();
+        *shared
+            .connector
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(connector);
+        shared.policy = policy;
+        self
     }
 
     /// For the event loop: what to watch, and how to bring the backend back.
