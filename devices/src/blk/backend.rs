@@ -32,6 +32,7 @@ use vhost_frontend::features::{
 
 use super::config::{offered_virtio_features, BlkConfig};
 use super::disk::Disk;
+use super::planted_flaw::PlantedFlaws;
 use super::queue_worker::{QueueError, QueueWorker};
 use crate::vhost_user_server::{self as server, RingSetup, ServeError, VhostUserDevice};
 
@@ -85,6 +86,8 @@ pub struct BlkBackend {
     completion_delay: Option<CompletionDelay>,
     /// Offer INFLIGHT_SHMFD (the default; `--no-inflight` measures what tracking costs).
     inflight: bool,
+    /// Empty unless built with the `planted-flaws` feature and asked for.
+    flaws: PlantedFlaws,
 }
 
 impl BlkBackend {
@@ -122,6 +125,7 @@ impl BlkBackend {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             completion_delay: None,
             inflight: true,
+            flaws: PlantedFlaws::NONE,
         })
     }
 
@@ -144,6 +148,16 @@ impl BlkBackend {
     /// tracking costs, and for testing frontends against a backend that keeps no region).
     pub fn with_inflight(mut self, inflight: bool) -> Self {
         self.inflight = inflight;
+        self
+    }
+
+    /// Plants known recovery bugs (`planted_flaw`): only for proving that tests catch them.
+    #[cfg(feature = "planted-flaws")]
+    pub fn with_planted_flaws(mut self, flaws: PlantedFlaws) -> Self {
+        if flaws != PlantedFlaws::NONE {
+            tracing::warn!("this backend carries planted flaws ({flaws:?}): a test build only");
+        }
+        self.flaws = flaws;
         self
     }
 
@@ -236,6 +250,11 @@ impl VhostUserDevice for BlkBackend {
     }
 
     fn start_ring(&self, ring: RingSetup) -> Result<QueueWorker, QueueError> {
-        QueueWorker::start(ring, Arc::clone(&self.disk), self.completion_delay)
+        QueueWorker::start_with_flaws(
+            ring,
+            Arc::clone(&self.disk),
+            self.completion_delay,
+            self.flaws,
+        )
     }
 }

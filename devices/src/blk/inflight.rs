@@ -141,6 +141,15 @@ pub struct QueueTracker {
     next_counter: u64,
 }
 
+/// How recovery treats the last batch: published (the used ring moved) but not closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rollback {
+    /// Every entry of it completed: none runs again. The only right answer.
+    WholeBatch,
+    /// Only its head is taken as completed (planted flaw `RollBackOneEntry`).
+    OnlyTheHead,
+}
+
 impl QueueTracker {
     /// Reads the region back when ring `region.index()` (of `ring_size` entries, whose
     /// guest-visible used->idx is `ring_used_idx`) starts: stamps a fresh region, or rolls back
@@ -150,6 +159,17 @@ impl QueueTracker {
         region: QueueRegion,
         ring_size: u16,
         ring_used_idx: u16,
+    ) -> Result<(QueueTracker, Recovery), RecoveryError> {
+        Self::recover_with(region, ring_size, ring_used_idx, Rollback::WholeBatch)
+    }
+
+    /// [`QueueTracker::recover`], rolling back the last batch as `rollback` says (anything but
+    /// `WholeBatch` is the planted flaw of `planted_flaw`).
+    pub fn recover_with(
+        region: QueueRegion,
+        ring_size: u16,
+        ring_used_idx: u16,
+        rollback: Rollback,
     ) -> Result<(QueueTracker, Recovery), RecoveryError> {
         let queue = region.index();
         let capacity = region.capacity();
@@ -198,7 +218,10 @@ impl QueueTracker {
             });
         }
         // Published (used->idx moved) but not cleared: the whole batch, not just its head.
-        let batch = view.last_batch(ring_used_idx)?;
+        let mut batch = view.last_batch(ring_used_idx)?;
+        if rollback == Rollback::OnlyTheHead {
+            batch.truncate(1);
+        }
         let mut completed = vec![false; usize::from(ring_size)];
         let mut rolled_back = 0;
         for &desc in &batch {

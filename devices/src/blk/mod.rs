@@ -8,11 +8,14 @@
 //! - `request`: one request, parsed from a descriptor chain and executed.
 //! - `queue_worker`: the data path of one virtqueue (kick → requests → used ring → call).
 //! - `inflight`: tracking requests in a queue's inflight region, and crash recovery from it.
+//! - `planted_flaw`: known recovery bugs, switchable only in test builds, that prove the
+//!   checkers catch them.
 
 pub mod backend;
 pub mod config;
 pub mod disk;
 pub mod inflight;
+pub mod planted_flaw;
 pub mod queue_worker;
 pub mod request;
 

@@ -39,7 +39,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::Disk;
-use super::inflight::{QueueTracker, RecoveryError, ResubmitParser};
+use super::inflight::{QueueTracker, RecoveryError, ResubmitParser, Rollback};
+use super::planted_flaw::{PlantedFlaw, PlantedFlaws};
 use super::request::{BlkRequest, Completion};
 use crate::vhost_user_server::notifier::Notifier;
 use crate::vhost_user_server::peer_fd;
@@ -137,6 +138,9 @@ pub enum QueueError {
 struct Ring {
     queue: Queue,
     inflight: Option<QueueTracker>,
+    /// An empty batch with capacity, swapped with `QueueShared::finished` by the publisher, so
+    /// steady-state publishing allocates nothing.
+    spare_batch: Vec<Completion>,
 }
 
 /// Heads a killed backend left inflight, to run again before anything new is popped; only the
@@ -145,6 +149,8 @@ struct Ring {
 struct Resubmission {
     heads: VecDeque<u16>,
     parser: ResubmitParser,
+    /// Planted flaw [`PlantedFlaw::AckResubmittedWithoutWriting`].
+    ack_writes_without_writing: bool,
 }
 
 /// State shared by the dispatcher and the I/O threads of one queue.
@@ -171,6 +177,11 @@ struct QueueShared {
     #[cfg(test)]
     test_crash: tests::TestCrash,
     queue: Mutex<Ring>,
+    /// Completions waiting to be published: whichever thread next holds the queue lock
+    /// publishes all of them as one batch (one inflight batch, one interrupt).
+    finished: Mutex<Vec<Completion>>,
+    /// Test builds only (`planted_flaw`); empty otherwise.
+    flaws: PlantedFlaws,
     mem: Arc<GuestMemoryMmap>,
     disk: Arc<Disk>,
     call: Arc<Notifier>,
@@ -198,10 +209,24 @@ impl QueueWorker {
         disk: Arc<Disk>,
         completion_delay: Option<CompletionDelay>,
     ) -> Result<Self, QueueError> {
+        Self::start_with_flaws(setup, disk, completion_delay, PlantedFlaws::NONE)
+    }
+
+    /// [`QueueWorker::start`] with planted flaws (`planted_flaw`; test builds only).
+    pub fn start_with_flaws(
+        setup: RingSetup,
+        disk: Arc<Disk>,
+        completion_delay: Option<CompletionDelay>,
+        flaws: PlantedFlaws,
+    ) -> Result<Self, QueueError> {
         let mem = Arc::clone(&setup.memory);
         let index = setup.index;
         let mut queue = build_queue(&setup, &mem)?;
-        let (inflight, resubmission) = recover_inflight(&setup, &mut queue, &mem)?;
+        let (inflight, resubmission) = if flaws.has(PlantedFlaw::IgnoreInflightRegion) {
+            (None, None)
+        } else {
+            recover_inflight(&setup, &mut queue, &mem, flaws)?
+        };
         let started_at = queue.next_avail();
         let os_err = |source| QueueError::Os { index, source };
         let stop = EventFd::new(EFD_NONBLOCK).map_err(os_err)?;
@@ -220,7 +245,13 @@ impl QueueWorker {
             test_io_gate: std::sync::RwLock::new(()),
             #[cfg(test)]
             test_crash: tests::TestCrash::default(),
-            queue: Mutex::new(Ring { queue, inflight }),
+            queue: Mutex::new(Ring {
+                queue,
+                inflight,
+                spare_batch: Vec::new(),
+            }),
+            finished: Mutex::new(Vec::new()),
+            flaws,
             mem,
             disk,
             call: setup.call,
@@ -356,6 +387,7 @@ fn recover_inflight(
     setup: &RingSetup,
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
+    flaws: PlantedFlaws,
 ) -> Result<(Option<QueueTracker>, Option<Resubmission>), QueueError> {
     let index = setup.index;
     let Some(region) = setup.inflight.clone() else {
@@ -363,8 +395,13 @@ fn recover_inflight(
     };
     let refused = |source| QueueError::Inflight { index, source };
     let used_idx = queue.next_used();
+    let rollback = if flaws.has(PlantedFlaw::RollBackOneEntry) {
+        Rollback::OnlyTheHead
+    } else {
+        Rollback::WholeBatch
+    };
     let (tracker, recovery) =
-        QueueTracker::recover(region, setup.size, used_idx).map_err(refused)?;
+        QueueTracker::recover_with(region, setup.size, used_idx, rollback).map_err(refused)?;
     info!("{}", recovery.summary(index));
     // At most the ring size (distinct heads below it), so it fits a u16.
     let resubmitted = recovery.resubmit.len() as u16;
@@ -387,6 +424,7 @@ fn recover_inflight(
         Some(Resubmission {
             heads: recovery.resubmit.into(),
             parser,
+            ack_writes_without_writing: flaws.has(PlantedFlaw::AckResubmittedWithoutWriting),
         })
     };
     Ok((Some(tracker), resubmission))
@@ -668,7 +706,16 @@ impl Resubmission {
     /// The next request to run again, parsed from the descriptor table.
     fn next(&mut self) -> Option<BlkRequest> {
         let head = self.heads.pop_front()?;
-        Some(self.parser.parse(head))
+        let mut request = self.parser.parse(head);
+        if self.ack_writes_without_writing {
+            if let Ok(body) = request.body.as_mut() {
+                if body.kind == super::request::RequestKind::Out {
+                    // A write of no bytes: "done", and the disk keeps what it had.
+                    body.readable_data.clear();
+                }
+            }
+        }
+        Some(request)
     }
 }
 
@@ -747,50 +794,104 @@ fn io_thread_seed(n: usize) -> u64 {
     now ^ ((n as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
-/// Publishes one finished request (the single place a head reaches the used ring). With inflight
-/// tracking it is a batch of one: linked and named in `last_batch_head`, published, then cleared
-/// (the order `inflight` explains).
+/// Publishes a finished request (the single place a head reaches the used ring), together with
+/// every other completion waiting: the request joins `finished`, and whoever gets the queue lock
+/// next publishes the whole list as one batch. When several I/O threads finish at once, one of
+/// them publishes for all (one inflight batch, one interrupt); the others find the list empty.
+/// Either way the request is in the used ring before this returns, so a stop that waits for
+/// `release` sees everything published.
+///
+/// With inflight tracking a batch is linked and named in `last_batch_head`, published entry by
+/// entry, then cleared (the order `inflight` explains): a death at any point leaves a region
+/// whose last batch is exactly what the used ring shows beyond the region's `used_idx`.
 fn complete(shared: &QueueShared, completion: Completion) {
+    shared
+        .finished
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(completion);
+    if let Some(hold) = shared.flaws.hold_batches() {
+        thread::sleep(hold); // let other completions join this batch (a test knob)
+    }
     let mut guard = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
     let ring = &mut *guard;
-    #[cfg(test)]
-    if shared.test_crash.is_dead() {
+    let mut batch = std::mem::take(&mut ring.spare_batch);
+    std::mem::swap(
+        &mut batch,
+        &mut *shared
+            .finished
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner),
+    );
+    if batch.is_empty() {
+        // Another thread published ours along with its own.
+        ring.spare_batch = batch;
         return;
     }
-    let batch = [completion.head];
-    if let Some(tracker) = &ring.inflight {
-        tracker.begin_batch(&batch);
+    let mut notify = false;
+    for chunk in batch.chunks(MAX_REQUESTS_IN_FLIGHT) {
+        notify |= publish(shared, ring, chunk);
     }
-    #[cfg(test)]
-    if shared.test_crash.dies_at(tests::CrashPoint::BeforePublish) {
-        return;
-    }
-    if let Err(e) = ring
-        .queue
-        .add_used(&*shared.mem, completion.head, completion.used_len)
-    {
-        // Left inflight: a later recovery runs it again, which an unpublished request needs.
-        warn!(
-            queue = shared.index,
-            head = completion.head,
-            "cannot add request to the used ring: {e}"
-        );
-        return;
-    }
-    #[cfg(test)]
-    if shared.test_crash.dies_at(tests::CrashPoint::AfterPublish) {
-        return;
-    }
-    if let Some(tracker) = &ring.inflight {
-        tracker.end_batch(&batch, ring.queue.next_used());
-    }
-    let notify = ring.queue.needs_notification(&*shared.mem).unwrap_or(true)
-        && !driver_suppresses_interrupts(&ring.queue, &shared.mem);
+    batch.clear();
+    ring.spare_batch = batch;
     drop(guard);
     if notify {
         shared.call.signal();
     }
     log_first_completion();
+}
+
+/// Puts `batch` into the used ring under the queue lock, with its inflight bookkeeping around
+/// it; says whether the driver wants an interrupt for it.
+fn publish(shared: &QueueShared, ring: &mut Ring, batch: &[Completion]) -> bool {
+    #[cfg(test)]
+    if shared.test_crash.is_dead() {
+        return false;
+    }
+    // The caller's chunks hold at most MAX_REQUESTS_IN_FLIGHT: a fixed buffer, no allocation.
+    let batch = &batch[..batch.len().min(MAX_REQUESTS_IN_FLIGHT)];
+    let mut heads = [0u16; MAX_REQUESTS_IN_FLIGHT];
+    let heads = &mut heads[..batch.len()];
+    for (slot, completion) in heads.iter_mut().zip(batch) {
+        *slot = completion.head;
+    }
+    if let Some(tracker) = &ring.inflight {
+        tracker.begin_batch(heads);
+    }
+    #[cfg(test)]
+    if shared.test_crash.dies_at(tests::CrashPoint::BeforePublish) {
+        return false;
+    }
+    let mut published = 0;
+    for completion in batch {
+        if let Err(e) = ring
+            .queue
+            .add_used(&*shared.mem, completion.head, completion.used_len)
+        {
+            // This one and the rest stay inflight: a later recovery runs them again, which an
+            // unpublished request needs.
+            warn!(
+                queue = shared.index,
+                head = completion.head,
+                "cannot add request to the used ring: {e}"
+            );
+            break;
+        }
+        published += 1;
+    }
+    #[cfg(test)]
+    if shared.test_crash.dies_at(tests::CrashPoint::AfterPublish) {
+        return false;
+    }
+    if let Some(hold) = shared.flaws.hold_batches() {
+        thread::sleep(hold); // a kill now finds a published, unclosed batch (a test knob)
+    }
+    if let Some(tracker) = &ring.inflight {
+        tracker.end_batch(&heads[..published], ring.queue.next_used());
+    }
+    published > 0
+        && ring.queue.needs_notification(&*shared.mem).unwrap_or(true)
+        && !driver_suppresses_interrupts(&ring.queue, &shared.mem)
 }
 
 /// When this backend opened its image (`BlkBackend::open`): the start of "restart to first
