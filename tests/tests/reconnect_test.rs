@@ -1,6 +1,7 @@
 //! `vmm reconnect-test`, end to end: the harness passes our backend through 50 kills, catches a
-//! backend that keeps no inflight record while completing out of order, and refuses bad input
-//! with one line, leaving no process and no temp directory behind.
+//! backend that keeps no inflight record while completing out of order and each planted
+//! recovery flaw of `flawed-blk-backend` (naming blocks), and refuses bad input with one line,
+//! leaving no process and no temp directory behind.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -82,6 +83,7 @@ fn our_backend_survives_50_kills() {
     require_kvm();
     let tmp = tmpdir("ours");
     let json = tmp.with_extension("json");
+    let svg = tmp.with_extension("svg");
     let backend = our_backend("");
     let started = Instant::now();
     let out = reconnect_test(
@@ -97,6 +99,8 @@ fn our_backend_survives_50_kills() {
             "5",
             "--json",
             json.to_str().expect("utf-8 path"),
+            "--plot",
+            svg.to_str().expect("utf-8 path"),
         ],
         Duration::from_secs(180),
     );
@@ -129,6 +133,58 @@ fn our_backend_survives_50_kills() {
     assert_eq!(field(&report, "wrong_blocks"), "0");
     assert_eq!(field(&report, "inflight_shmfd"), "true");
     assert_eq!(field(&report, "passed"), "true");
+    // The plot: 50 kill marks and the axes, as SVG text (plot.rs's tests check the drawing).
+    let picture = std::fs::read_to_string(&svg).expect("the SVG plot");
+    let _ = std::fs::remove_file(&svg);
+    assert!(
+        picture.starts_with("<svg") || picture.contains("<svg "),
+        "not an SVG"
+    );
+    assert!(picture.contains("guest throughput: 50 kills, 50 recoveries"));
+    assert!(picture.contains("recovery time (ms)"));
+    assert_nothing_left(&tmp);
+}
+
+/// `--duration`: kills go on for the time given, then the guest verifies.
+#[test]
+fn a_duration_bounds_the_kills_by_time() {
+    require_kvm();
+    let tmp = tmpdir("duration");
+    let json = tmp.with_extension("json");
+    let backend = our_backend("");
+    let out = reconnect_test(
+        &tmp,
+        &[
+            "--backend",
+            &backend,
+            "--duration",
+            "2",
+            "--disk-size",
+            "8M",
+            "--json",
+            json.to_str().expect("utf-8 path"),
+        ],
+        Duration::from_secs(120),
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let report = std::fs::read_to_string(&json).expect("the JSON report");
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(field(&report, "duration_asked_s"), "2");
+    assert_eq!(field(&report, "kills_asked"), "null");
+    let kills: u32 = field(&report, "kills").parse().expect("a number");
+    // Kills come 40-250 ms apart plus the restart: 2 s hold several, and far fewer than 100.
+    assert!(
+        (3..100).contains(&kills),
+        "{kills} kills\n{}",
+        out.describe()
+    );
+    assert!(
+        out.stdout
+            .contains(&format!("kills:               {kills} in 2 s")),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(field(&report, "recoveries"), kills.to_string());
     assert_nothing_left(&tmp);
 }
 
@@ -170,6 +226,113 @@ fn a_backend_without_inflight_tracking_is_caught() {
         || !out.stdout.contains("hangs:               0")
         || !out.stdout.contains("guest:               PASS");
     assert!(caught, "{}", out.describe());
+    assert_nothing_left(&tmp);
+}
+
+/// `flawed-blk-backend` (this crate's binary): our backend with one recovery bug planted back.
+fn flawed_backend(flaw: &str, extra: &str) -> String {
+    format!(
+        "'{}' --flaw {flaw} --socket {{socket}} --file {{disk}} --delay-completions 50-1500{extra}",
+        env!("CARGO_BIN_EXE_flawed-blk-backend")
+    )
+}
+
+/// Runs the harness against `backend` (20 kills at queue depth 32) and returns its report.
+fn run_against(tag: &str, backend: &str) -> (Outcome, PathBuf) {
+    let tmp = tmpdir(tag);
+    let out = reconnect_test(
+        &tmp,
+        &[
+            "--backend",
+            backend,
+            "--kills",
+            "20",
+            "--queue-depth",
+            "32",
+            "--disk-size",
+            "8M",
+            "--seed",
+            "11",
+        ],
+        Duration::from_secs(240),
+    );
+    eprintln!("{tag}:\n{}", out.stdout);
+    (out, tmp)
+}
+
+/// The lines of the report that name a block: the guest's verdict or the disk check's list.
+fn named_blocks(report: &str) -> Vec<&str> {
+    report
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            (l.starts_with("guest:") && l.contains("block ")) || l.starts_with("block ")
+        })
+        .collect()
+}
+
+fn assert_caught(tag: &str, flaw: &str, extra: &str) -> String {
+    let (out, tmp) = run_against(tag, &flawed_backend(flaw, extra));
+    assert_eq!(out.code(), Some(1), "{flaw}: {}", out.describe());
+    assert!(
+        out.stdout.contains("verdict:             FAIL"),
+        "{flaw}: {}",
+        out.describe()
+    );
+    // The frontend was told it is protected: the flaw hides behind a negotiated region.
+    assert!(
+        out.stdout.contains("INFLIGHT_SHMFD:      yes"),
+        "{flaw}: {}",
+        out.describe()
+    );
+    assert!(
+        !named_blocks(&out.stdout).is_empty(),
+        "{flaw}: the report names no block\n{}",
+        out.describe()
+    );
+    assert_nothing_left(&tmp);
+    out.stdout
+}
+
+/// Planted flaw: resubmitted writes answered OK and never written. The verified pass was hit by
+/// the last kills, so the disk check finds the blocks whose data never arrived.
+#[test]
+fn a_backend_that_acks_resubmitted_writes_without_writing_is_caught() {
+    require_kvm();
+    let report = assert_caught("ackonly", "ack-resubmitted-without-writing", "");
+    assert!(
+        !report.contains("disk file:           0 wrong blocks"),
+        "{report}"
+    );
+}
+
+/// Planted flaw: the region is negotiated but ignored, so a restart re-reads the avail ring
+/// from SET_VRING_BASE while completions came out of order.
+#[test]
+fn a_backend_that_ignores_the_inflight_region_is_caught() {
+    require_kvm();
+    assert_caught("ignoreregion", "ignore-inflight-region", "");
+}
+
+/// Planted flaw: recovery rolls back only the head of the last batch. Batches are gathered for
+/// 2 ms and held open 2 ms once published, so kills find multi-entry batches open; the control
+/// below shows that this window alone, with a whole-batch rollback, loses nothing.
+#[test]
+fn a_backend_that_rolls_back_one_entry_of_the_last_batch_is_caught() {
+    require_kvm();
+    assert_caught("onlyhead", "roll-back-one-entry", " --hold-batches-ms 2");
+}
+
+#[test]
+fn held_open_batches_with_a_whole_batch_rollback_lose_nothing() {
+    require_kvm();
+    let (out, tmp) = run_against("heldbatch", &flawed_backend("none", " --hold-batches-ms 2"));
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert!(
+        out.stdout.contains("kills:               20 of 20"),
+        "{}",
+        out.describe()
+    );
     assert_nothing_left(&tmp);
 }
 

@@ -85,9 +85,12 @@ enum Command {
         /// 'vmm blk-backend --socket {socket} --file {disk}'.
         #[arg(long)]
         backend: String,
-        /// SIGKILLs to deliver.
-        #[arg(long, default_value_t = 20)]
-        kills: u32,
+        /// SIGKILLs to deliver (default 20; with --duration: no limit but the time).
+        #[arg(long)]
+        kills: Option<u32>,
+        /// Go on killing for this many seconds (then let the guest finish and verify).
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        duration: Option<u64>,
         /// Requests the guest keeps in flight.
         #[arg(long, default_value_t = 16)]
         queue_depth: u16,
@@ -100,6 +103,10 @@ enum Command {
         /// Also write the report as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Also draw guest throughput over time (kills and recoveries marked) and a histogram of
+        /// recovery times as an SVG in FILE.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
         /// Keep the temp directory (disk, logs) and print its path.
         #[arg(long)]
         keep: bool,
@@ -180,10 +187,12 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::ReconnectTest {
             backend,
             kills,
+            duration,
             queue_depth,
             disk_size,
             seed,
             json,
+            plot,
             keep,
         } => {
             let seed = seed.unwrap_or_else(|| {
@@ -192,10 +201,20 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     .map(|d| d.as_nanos() as u64 % 1_000_000_000)
                     .unwrap_or(1)
             });
+            // A run takes minutes: refuse an output path that cannot be written before it.
+            for (flag, path) in [("--json", &json), ("--plot", &plot)] {
+                if let Some(path) = path {
+                    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+                    if dir.is_some_and(|d| !d.is_dir()) {
+                        anyhow::bail!("{flag} {}: its directory does not exist", path.display());
+                    }
+                }
+            }
             eprintln!("reconnect-test: --seed {seed}");
             let options = reconnect_test::Options {
                 backend,
-                kills,
+                kills: kills.unwrap_or(if duration.is_some() { u32::MAX } else { 20 }),
+                duration: duration.map(std::time::Duration::from_secs),
                 queue_depth,
                 disk_size: config::parse_mem_size(&disk_size)
                     .map_err(|e| anyhow::anyhow!("--disk-size {disk_size}: {e}"))?,
@@ -207,6 +226,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             if let Some(path) = json {
                 std::fs::write(&path, report.json())
                     .map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
+            }
+            if let Some(path) = plot {
+                report.plot(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+                eprintln!("reconnect-test: plot written to {}", path.display());
             }
             Ok(if report.passed() { 0 } else { 1 })
         }

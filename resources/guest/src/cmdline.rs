@@ -77,6 +77,9 @@ pub struct Options {
     /// of the pass under way; that pass is then the last and is verified (`vmm reconnect-test`
     /// stops a long run this way once its kills are done).
     pub stop_on_input: bool,
+    /// blk-write-verify: print a progress line every this many completions (a host that plots
+    /// throughput over time, as `vmm reconnect-test --plot` does, asks for a finer grain).
+    pub progress: u64,
     pub reqs: u64,
     pub qd: u16,
     pub rw: ReadWrite,
@@ -94,6 +97,7 @@ impl Default for Options {
             seed: 1,
             passes: 1,
             stop_on_input: false,
+            progress: 4096,
             reqs: 10_000,
             qd: 1,
             rw: ReadWrite::RandRead,
@@ -232,6 +236,7 @@ pub fn parse(cmdline: &str) -> Result<Config, CmdlineError<'_>> {
             "start" => options.start = number_in(token, value, 0, u64::MAX)?,
             "seed" => options.seed = number_in(token, value, 0, u64::MAX)?,
             "passes" => options.passes = number_in(token, value, 1, 1_000_000)?,
+            "progress" => options.progress = number_in(token, value, 1, u64::MAX)?,
             "reqs" => options.reqs = number_in(token, value, 1, u64::MAX)?,
             "qd" => options.qd = number_in(token, value, 1, u64::from(u16::MAX))? as u16,
             "disk" => {
@@ -297,6 +302,17 @@ mod tests {
                 .unwrap()
                 .options
                 .stop_on_input
+        );
+        assert_eq!(
+            parse("blk-write-verify passes=3").unwrap().options.passes,
+            3
+        );
+        assert_eq!(
+            parse("blk-write-verify progress=256")
+                .unwrap()
+                .options
+                .progress,
+            256
         );
         assert_eq!(
             parse("blk-write-verify passes=3").unwrap().options.passes,

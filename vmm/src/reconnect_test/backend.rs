@@ -108,6 +108,43 @@ fn is_listening(path: &Path) -> bool {
     })
 }
 
+/// What the backend's program prints for `--version` (its first line), if it prints one
+/// within a few seconds and exits 0: the first word of `command` as the shell parses it,
+/// after an `env` and `NAME=value` words.
+pub fn version(command: &str) -> Option<String> {
+    const SCRIPT: &str = r#"eval "set -- $1"
+while [ "$1" = env ] || case "$1" in *=*) true ;; *) false ;; esac; do shift; done
+exec "$1" --version"#;
+    let mut child = Command::new("sh")
+        .args(["-c", SCRIPT, "sh", command])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .ok()?;
+    let start = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if start.elapsed() < Duration::from_secs(3) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            _ => break None,
+        }
+    };
+    if !status.is_some_and(|s| s.success()) {
+        // SAFETY: a plain syscall on the group our unreaped child leads.
+        unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+        let _ = child.wait();
+        return None;
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take()?, &mut out).ok()?;
+    let line = out.lines().map(str::trim).find(|l| !l.is_empty())?;
+    Some(line.chars().take(200).collect())
+}
+
 /// The last non-empty line of `log`, for an error message.
 pub fn last_line(log: &Path) -> String {
     std::fs::read_to_string(log)
@@ -144,4 +181,18 @@ fn group_has_live_members(pgid: libc::pid_t) -> bool {
         let pgrp = fields.nth(1).and_then(|f| f.parse::<libc::pid_t>().ok());
         pgrp == Some(pgid) && state != Some("Z")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_version_is_the_first_words_own() {
+        let v = version("env A=1 'true' --socket /x {disk}").expect("true --version");
+        assert!(v.starts_with("true (GNU coreutils)"), "{v}");
+        assert_eq!(version("/nonexistent/backend --socket s"), None);
+        // dash has no --version: it fails, and so no version.
+        assert_eq!(version("sh -c 'sleep 10'"), None);
+    }
 }

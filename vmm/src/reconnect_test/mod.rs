@@ -27,6 +27,7 @@ mod backend;
 mod command;
 mod kill_loop;
 mod pattern;
+mod plot;
 mod report;
 mod vmm_process;
 
@@ -39,7 +40,10 @@ pub use report::Report;
 pub struct Options {
     /// Shell command line with `{socket}` and `{disk}`.
     pub backend: String,
+    /// Kills to deliver (with `duration`, at most this many).
     pub kills: u32,
+    /// Kill for this long instead of (or as well as) a count.
+    pub duration: Option<std::time::Duration>,
     pub queue_depth: u16,
     pub disk_size: u64,
     pub seed: u64,
@@ -150,9 +154,10 @@ pub fn run(options: &Options) -> Result<Report, Error> {
         blocks,
         options,
     };
+    let version = backend::version(&command);
     let outcome = kill_loop::run(&setup)?;
     let accepted = outcome.accepted_seeds(options.seed);
     let disk_check = pattern::check_disk(&disk, blocks, &accepted)
         .map_err(|e| Error::Io(format!("read back {}", disk.display()), e))?;
-    Ok(Report::new(options, outcome, disk_check))
+    Ok(Report::new(options, version, outcome, disk_check))
 }

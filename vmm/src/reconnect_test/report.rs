@@ -16,6 +16,9 @@ enum GuestFailure {
     Lost,
     /// A completion for a request that was not pending (completed twice).
     Repeated,
+    /// A completion whose status byte the backend never wrote: the request was completed
+    /// without being executed (typically a stale avail entry re-read after a restart).
+    Unexecuted,
     /// A completion with an error status.
     IoError,
     /// A block read back wrong.
@@ -28,6 +31,8 @@ fn classify_guest(reason: &str) -> GuestFailure {
         GuestFailure::Lost
     } else if reason.contains("heads no pending request") {
         GuestFailure::Repeated
+    } else if reason.contains("status byte never written") {
+        GuestFailure::Unexecuted
     } else if reason.contains("failed: status") {
         GuestFailure::IoError
     } else if reason.contains("read back wrong") {
@@ -40,6 +45,10 @@ fn classify_guest(reason: &str) -> GuestFailure {
 #[derive(Debug)]
 pub struct Report {
     pub backend: String,
+    /// What the backend's program printed for `--version`.
+    pub backend_version: Option<String>,
+    /// `--duration`: the kills went on for this long (then `kills_asked` is only a cap).
+    pub duration_asked: Option<std::time::Duration>,
     pub seed: u64,
     pub queue_depth: u16,
     pub disk_size: u64,
@@ -57,9 +66,16 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 impl Report {
-    pub fn new(options: &Options, outcome: Outcome, disk: DiskCheck) -> Report {
+    pub fn new(
+        options: &Options,
+        backend_version: Option<String>,
+        outcome: Outcome,
+        disk: DiskCheck,
+    ) -> Report {
         Report {
             backend: options.backend.clone(),
+            backend_version,
+            duration_asked: options.duration,
             seed: options.seed,
             queue_depth: options.queue_depth,
             disk_size: options.disk_size,
@@ -91,6 +107,20 @@ impl Report {
         ms
     }
 
+    /// Per recovery: its outage less the harness's own wait before restarting, i.e. the
+    /// backend's start plus the reconnect (sorted).
+    fn restart_to_back_ms(&self) -> Vec<u64> {
+        let o = &self.outcome;
+        let mut ms: Vec<u64> = o
+            .recoveries
+            .iter()
+            .zip(&o.restart_gaps_ms)
+            .map(|(r, gap)| r.ms.saturating_sub(*gap))
+            .collect();
+        ms.sort_unstable();
+        ms
+    }
+
     fn resubmitted(&self) -> Vec<u64> {
         self.outcome
             .recoveries
@@ -111,8 +141,43 @@ impl Report {
             && self.disk.wrong.is_empty()
             && self.disk.dirty_tail_bytes == 0
             && self.hangs().is_empty()
-            && self.outcome.kills == self.kills_asked
+            && self.enough_kills()
             && self.outcome.recoveries.len() == self.outcome.kills as usize
+    }
+
+    /// Every kill asked for was made; with `--duration`, at least one was.
+    fn enough_kills(&self) -> bool {
+        match self.duration_asked {
+            Some(_) => self.outcome.kills > 0,
+            None => self.outcome.kills == self.kills_asked,
+        }
+    }
+
+    fn kills_text(&self) -> String {
+        match (self.duration_asked, self.kills_asked) {
+            (Some(d), u32::MAX) => format!("{} in {} s", self.outcome.kills, d.as_secs()),
+            (Some(d), n) => format!("{} in {} s (at most {n})", self.outcome.kills, d.as_secs()),
+            (None, n) => format!("{} of {n}", self.outcome.kills),
+        }
+    }
+
+    /// The SVG of `--plot`: throughput over time with the kills and recoveries, and the
+    /// recovery times' histogram.
+    pub fn plot(&self, path: &std::path::Path) -> Result<(), String> {
+        let o = &self.outcome;
+        let timeline = super::plot::Timeline {
+            progress: o.progress.clone(),
+            kills: o.kill_times.clone(),
+            recoveries: o.recoveries.iter().map(|r| (r.at, r.ms)).collect(),
+        };
+        let name = self.backend_version.as_deref().unwrap_or(&self.backend);
+        let title = format!(
+            "reconnect-test: {name} (queue depth {}, seed {}, {})",
+            self.queue_depth,
+            self.seed,
+            if self.passed() { "PASS" } else { "FAIL" }
+        );
+        super::plot::write_svg(path, &title, &timeline)
     }
 
     fn named_blocks(&self) -> Vec<String> {
@@ -133,6 +198,13 @@ impl Report {
         let _ = writeln!(t, "  backend:             {}", self.backend);
         let _ = writeln!(
             t,
+            "  backend version:     {}",
+            self.backend_version
+                .as_deref()
+                .unwrap_or("(it printed none for --version)")
+        );
+        let _ = writeln!(
+            t,
             "  run:                 seed {}, queue depth {}, disk {} bytes, {:.1} s, {} passes written",
             self.seed,
             self.queue_depth,
@@ -145,21 +217,40 @@ impl Report {
             Some(false) => "no",
             None => "unknown (never negotiated)",
         };
-        let _ = writeln!(t, "  INFLIGHT_SHMFD:      {inflight}");
+        let unknown = "(never negotiated)";
         let _ = writeln!(
             t,
-            "  kills:               {} of {}",
-            o.kills, self.kills_asked
+            "  features:            {}",
+            o.features.as_deref().unwrap_or(unknown)
         );
+        let _ = writeln!(
+            t,
+            "  protocol features:   {}",
+            o.protocol_features.as_deref().unwrap_or(unknown)
+        );
+        let _ = writeln!(t, "  INFLIGHT_SHMFD:      {inflight}");
+        let _ = writeln!(t, "  kills:               {}", self.kills_text());
         let _ = writeln!(t, "  recoveries:          {}", o.recoveries.len());
+        let summary = |v: &[u64]| {
+            format!(
+                "min {} / median {} / p99 {} / max {}",
+                v[0],
+                percentile(v, 50.0),
+                percentile(v, 99.0),
+                v[v.len() - 1]
+            )
+        };
         if !ms.is_empty() {
             let _ = writeln!(
                 t,
-                "  recovery time (ms):  min {} / median {} / p99 {} / max {}",
-                ms[0],
-                percentile(&ms, 50.0),
-                percentile(&ms, 99.0),
-                ms[ms.len() - 1]
+                "  recovery time (ms):  {} (kill to reconnected, as the VMM saw the outage)",
+                summary(&ms)
+            );
+            let restart = self.restart_to_back_ms();
+            let _ = writeln!(
+                t,
+                "  restart to back (ms): {} (less the harness's 0-60 ms wait before restarting)",
+                summary(&restart)
             );
         }
         let _ = writeln!(
@@ -177,10 +268,11 @@ impl Report {
         );
         let _ = writeln!(
             t,
-            "  guest-visible I/O errors: {}; requests never completed: {}; completed twice: {}",
+            "  guest-visible I/O errors: {}; requests never completed: {}; completed twice: {}; completed unexecuted (no status written): {}",
             self.count(GuestFailure::IoError),
             self.count(GuestFailure::Lost),
-            self.count(GuestFailure::Repeated)
+            self.count(GuestFailure::Repeated),
+            self.count(GuestFailure::Unexecuted)
         );
         let _ = writeln!(
             t,
@@ -226,15 +318,37 @@ impl Report {
             Some(b) => b.to_string(),
             None => "null".into(),
         };
+        let restart = self.restart_to_back_ms();
         let mut fields = vec![
             ("backend", json_string(&self.backend)),
+            (
+                "backend_version",
+                opt_string(self.backend_version.as_deref()),
+            ),
+            ("features", opt_string(o.features.as_deref())),
+            (
+                "protocol_features",
+                opt_string(o.protocol_features.as_deref()),
+            ),
             ("seed", self.seed.to_string()),
             ("queue_depth", self.queue_depth.to_string()),
             ("disk_size", self.disk_size.to_string()),
             ("duration_s", format!("{:.3}", o.duration.as_secs_f64())),
             ("passes_written", o.passes_written.to_string()),
             ("inflight_shmfd", inflight),
-            ("kills_asked", self.kills_asked.to_string()),
+            (
+                "kills_asked",
+                if self.kills_asked == u32::MAX {
+                    "null".into()
+                } else {
+                    self.kills_asked.to_string()
+                },
+            ),
+            (
+                "duration_asked_s",
+                self.duration_asked
+                    .map_or_else(|| "null".into(), |d| d.as_secs().to_string()),
+            ),
             ("kills", o.kills.to_string()),
             ("recoveries", o.recoveries.len().to_string()),
             ("recovery_ms", format!("[{}]", list(&per_kill))),
@@ -248,6 +362,16 @@ impl Report {
                     percentile(&ms, 50.0),
                     percentile(&ms, 99.0),
                     ms[ms.len() - 1]
+                ),
+            ));
+            fields.push((
+                "restart_to_back_ms_summary",
+                format!(
+                    "{{\"min\": {}, \"median\": {}, \"p99\": {}, \"max\": {}}}",
+                    restart[0],
+                    percentile(&restart, 50.0),
+                    percentile(&restart, 99.0),
+                    restart[restart.len() - 1]
                 ),
             ));
         }
@@ -272,6 +396,10 @@ impl Report {
             (
                 "requests_completed_twice",
                 self.count(GuestFailure::Repeated).to_string(),
+            ),
+            (
+                "requests_completed_unexecuted",
+                self.count(GuestFailure::Unexecuted).to_string(),
             ),
             ("wrong_blocks", self.disk.wrong.len().to_string()),
             (
@@ -300,6 +428,11 @@ impl Report {
             .collect();
         format!("{{\n{}\n}}\n", body.join(",\n"))
     }
+}
+
+/// `s` as a JSON string, or null.
+fn opt_string(s: Option<&str>) -> String {
+    s.map_or_else(|| "null".into(), json_string)
 }
 
 /// `s` as a JSON string literal.
@@ -350,6 +483,12 @@ mod tests {
         assert_eq!(
             classify_guest("FAIL: device returned descriptor 3, which heads no pending request"),
             GuestFailure::Repeated
+        );
+        assert_eq!(
+            classify_guest(
+                "FAIL: write of block 969 failed: status 255 (status byte never written)"
+            ),
+            GuestFailure::Unexecuted
         );
         assert_eq!(
             classify_guest("FAIL: write of block 5 failed: status 1 (VIRTIO_BLK_S_IOERR)"),

@@ -63,17 +63,14 @@ fn queue_depth(disk: &BlkDevice, qd: u16) -> Result<usize, Failure> {
     Ok(depth)
 }
 
-/// Long runs print a progress line this often (completions), so a test that
-/// disturbs the backend mid-run can see that I/O is under way.
-const PROGRESS_EVERY: u64 = 4096;
-
 /// Run requests 0..total with at most `depth` in flight. `prepare` fills slot
 /// `slot` for request `i` and says what to submit; `finish` checks a request
-/// once the device completed it. `progress`: the prefix of progress lines
-/// (None: silent, as the timed bench loop is).
+/// once the device completed it. `progress`: the prefix of progress lines and
+/// how many completions apart they come (None: silent, as the timed bench loop
+/// is), so a test that disturbs the backend mid-run can see that I/O is under way.
 fn pipeline(
     disk: &mut BlkDevice,
-    progress: Option<&str>,
+    progress: Option<(&str, u64)>,
     total: u64,
     depth: usize,
     mut prepare: impl FnMut(&mut BlkDevice, usize, u64) -> (Op, u64),
@@ -105,8 +102,8 @@ fn pipeline(
         free_slots[free] = slot;
         free += 1;
         completed += 1;
-        if let Some(prefix) = progress {
-            if completed.is_multiple_of(PROGRESS_EVERY) && completed < total {
+        if let Some((prefix, every)) = progress {
+            if completed.is_multiple_of(every) && completed < total {
                 println!("{prefix} progress={completed}/{total}");
             }
         }
@@ -135,7 +132,7 @@ pub fn write_verify(config: &Config) -> Outcome {
         let pass_seed = seed.wrapping_add(pass);
         pipeline(
             &mut disk,
-            Some("blk-write-verify: write"),
+            Some(("blk-write-verify: write", options.progress)),
             blocks,
             depth,
             |disk, slot, i| {
@@ -165,7 +162,7 @@ pub fn write_verify(config: &Config) -> Outcome {
         )?;
     }
 
-    let verified = read_back(&mut disk, depth, start, blocks, seed)?;
+    let verified = read_back(&mut disk, depth, start, blocks, seed, options.progress)?;
     println!(
         "{TEST}: blocks={blocks} start={start} seed={seed} written={blocks} verified={verified} flushed={} passes={passes}",
         disk.can_flush()
@@ -178,7 +175,7 @@ pub fn write_verify(config: &Config) -> Outcome {
         // bring-up below starts them afresh. What was written must still be there.
         disk.close()?;
         let mut disk = open_disk(TEST, config)?;
-        let verified = read_back(&mut disk, depth, start, blocks, seed)?;
+        let verified = read_back(&mut disk, depth, start, blocks, seed, options.progress)?;
         println!("{TEST}: after a device reset verified={verified}");
     }
     Ok(())
@@ -192,11 +189,12 @@ fn read_back(
     start: u64,
     blocks: u64,
     seed: u64,
+    progress_every: u64,
 ) -> Result<u64, Failure> {
     let mut verified = 0;
     pipeline(
         disk,
-        Some("blk-write-verify: read"),
+        Some(("blk-write-verify: read", progress_every)),
         blocks,
         depth,
         |disk, slot, i| {
