@@ -170,7 +170,10 @@ impl Report {
             kills: o.kill_times.clone(),
             recoveries: o.recoveries.iter().map(|r| (r.at, r.ms)).collect(),
         };
-        let name = self.backend_version.as_deref().unwrap_or(&self.backend);
+        let name = match self.backend_version.as_deref() {
+            Some(v) => short_version(v),
+            None => self.backend.chars().take(60).collect(),
+        };
         let title = format!(
             "reconnect-test: {name} (queue depth {}, seed {}, {})",
             self.queue_depth,
@@ -430,6 +433,14 @@ impl Report {
     }
 }
 
+/// A version line short enough for a title: `qemu-storage-daemon version 10.0.2 (Debian ...)`
+/// becomes `qemu-storage-daemon 10.0.2`.
+fn short_version(line: &str) -> String {
+    let line = line.split(" (").next().unwrap_or(line);
+    let line = line.replacen(" version ", " ", 1);
+    line.chars().take(60).collect()
+}
+
 /// `s` as a JSON string, or null.
 fn opt_string(s: Option<&str>) -> String {
     s.map_or_else(|| "null".into(), json_string)
@@ -467,6 +478,15 @@ mod tests {
         assert_eq!(percentile(&v, 99.0), 99);
         assert_eq!(percentile(&[7], 99.0), 7);
         assert_eq!(percentile(&[], 50.0), 0);
+    }
+
+    #[test]
+    fn version_lines_are_shortened_for_the_title() {
+        assert_eq!(
+            short_version("qemu-storage-daemon version 10.0.2 (Debian 1:10.0.2+ds-2)"),
+            "qemu-storage-daemon 10.0.2"
+        );
+        assert_eq!(short_version("vmm 0.1.0"), "vmm 0.1.0");
     }
 
     #[test]
