@@ -65,6 +65,15 @@ fn assert_nothing_left_named(tmp: &PathBuf, also: &str) {
     let _ = std::fs::remove_dir_all(tmp);
 }
 
+/// The report (stdout) holds `text`; else fail with the whole run described.
+fn assert_says(out: &Outcome, text: &str) {
+    assert!(
+        out.stdout.contains(text),
+        "wanted {text:?}\n{}",
+        out.describe()
+    );
+}
+
 fn field(json: &str, key: &str) -> String {
     let pat = format!("\"{key}\": ");
     let rest = json
@@ -106,26 +115,10 @@ fn our_backend_survives_50_kills() {
     );
     eprintln!("took {:?}\n{}", started.elapsed(), out.stdout);
     assert_eq!(out.code(), Some(0), "{}", out.describe());
-    assert!(
-        out.stdout.contains("kills:               50 of 50"),
-        "{}",
-        out.describe()
-    );
-    assert!(
-        out.stdout.contains("recoveries:          50"),
-        "{}",
-        out.describe()
-    );
-    assert!(
-        out.stdout.contains("INFLIGHT_SHMFD:      yes"),
-        "{}",
-        out.describe()
-    );
-    assert!(
-        out.stdout.contains("disk file:           0 wrong blocks"),
-        "{}",
-        out.describe()
-    );
+    assert_says(&out, "kills:               50 of 50");
+    assert_says(&out, "recoveries:          50");
+    assert_says(&out, "INFLIGHT_SHMFD:      yes");
+    assert_says(&out, "disk file:           0 wrong blocks");
     let report = std::fs::read_to_string(&json).expect("the JSON report");
     let _ = std::fs::remove_file(&json);
     assert_eq!(field(&report, "kills"), "50");
@@ -178,12 +171,7 @@ fn a_duration_bounds_the_kills_by_time() {
         "{kills} kills\n{}",
         out.describe()
     );
-    assert!(
-        out.stdout
-            .contains(&format!("kills:               {kills} in 2 s")),
-        "{}",
-        out.describe()
-    );
+    assert_says(&out, &format!("kills:               {kills} in 2 s"));
     assert_eq!(field(&report, "recoveries"), kills.to_string());
     assert_nothing_left(&tmp);
 }
@@ -212,16 +200,8 @@ fn a_backend_without_inflight_tracking_is_caught() {
     );
     eprintln!("{}", out.stdout);
     assert_eq!(out.code(), Some(1), "{}", out.describe());
-    assert!(
-        out.stdout.contains("INFLIGHT_SHMFD:      no"),
-        "{}",
-        out.describe()
-    );
-    assert!(
-        out.stdout.contains("verdict:             FAIL"),
-        "{}",
-        out.describe()
-    );
+    assert_says(&out, "INFLIGHT_SHMFD:      no");
+    assert_says(&out, "verdict:             FAIL");
     let caught = !out.stdout.contains("disk file:           0 wrong blocks")
         || !out.stdout.contains("hangs:               0")
         || !out.stdout.contains("guest:               PASS");
@@ -274,17 +254,9 @@ fn named_blocks(report: &str) -> Vec<&str> {
 fn assert_caught(tag: &str, flaw: &str, extra: &str) -> String {
     let (out, tmp) = run_against(tag, &flawed_backend(flaw, extra));
     assert_eq!(out.code(), Some(1), "{flaw}: {}", out.describe());
-    assert!(
-        out.stdout.contains("verdict:             FAIL"),
-        "{flaw}: {}",
-        out.describe()
-    );
+    assert_says(&out, "verdict:             FAIL");
     // The frontend was told it is protected: the flaw hides behind a negotiated region.
-    assert!(
-        out.stdout.contains("INFLIGHT_SHMFD:      yes"),
-        "{flaw}: {}",
-        out.describe()
-    );
+    assert_says(&out, "INFLIGHT_SHMFD:      yes");
     assert!(
         !named_blocks(&out.stdout).is_empty(),
         "{flaw}: the report names no block\n{}",
@@ -328,11 +300,7 @@ fn held_open_batches_with_a_whole_batch_rollback_lose_nothing() {
     require_kvm();
     let (out, tmp) = run_against("heldbatch", &flawed_backend("none", " --hold-batches-ms 2"));
     assert_eq!(out.code(), Some(0), "{}", out.describe());
-    assert!(
-        out.stdout.contains("kills:               20 of 20"),
-        "{}",
-        out.describe()
-    );
+    assert_says(&out, "kills:               20 of 20");
     assert_nothing_left(&tmp);
 }
 

@@ -389,6 +389,15 @@ mod tests {
         std::env::temp_dir().join(format!("vmm-plot-{}-{name}.svg", std::process::id()))
     }
 
+    /// What `write_svg` put in a file of its own (removed again).
+    fn written(name: &str, title: &str, timeline: &Timeline) -> String {
+        let path = temp_path(name);
+        write_svg(&path, title, timeline).expect("write_svg");
+        let svg = std::fs::read_to_string(&path).expect("read back");
+        let _ = std::fs::remove_file(&path);
+        svg
+    }
+
     fn polylines_in(svg: &str, color: RGBColor) -> usize {
         let stroke = format!("stroke=\"#{:02X}{:02X}{:02X}\"", color.0, color.1, color.2);
         svg.split('<')
@@ -425,11 +434,8 @@ mod tests {
 
     #[test]
     fn realistic_run_has_labels_marks_and_bars() {
-        let path = temp_path("realistic");
         let timeline = realistic();
-        write_svg(&path, "blk-backend seed=42", &timeline).expect("write_svg");
-        let svg = std::fs::read_to_string(&path).expect("read back");
-        let _ = std::fs::remove_file(&path);
+        let svg = written("realistic", "blk-backend seed=42", &timeline);
 
         assert_well_formed(&svg);
         let texts = texts(&svg);
@@ -462,10 +468,7 @@ mod tests {
 
     #[test]
     fn empty_timeline_is_a_valid_svg_with_notes() {
-        let path = temp_path("empty");
-        write_svg(&path, "empty", &Timeline::default()).expect("write_svg");
-        let svg = std::fs::read_to_string(&path).expect("read back");
-        let _ = std::fs::remove_file(&path);
+        let svg = written("empty", "empty", &Timeline::default());
 
         assert_well_formed(&svg);
         let texts = texts(&svg);

@@ -65,6 +65,26 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// Min, median, p99 and max of a sorted, non-empty list.
+fn spread(sorted: &[u64]) -> [u64; 4] {
+    [
+        sorted[0],
+        percentile(sorted, 50.0),
+        percentile(sorted, 99.0),
+        sorted[sorted.len() - 1],
+    ]
+}
+
+fn spread_text(sorted: &[u64]) -> String {
+    let [min, median, p99, max] = spread(sorted);
+    format!("min {min} / median {median} / p99 {p99} / max {max}")
+}
+
+fn spread_json(sorted: &[u64]) -> String {
+    let [min, median, p99, max] = spread(sorted);
+    format!("{{\"min\": {min}, \"median\": {median}, \"p99\": {p99}, \"max\": {max}}}")
+}
+
 impl Report {
     pub fn new(
         options: &Options,
@@ -234,26 +254,17 @@ impl Report {
         let _ = writeln!(t, "  INFLIGHT_SHMFD:      {inflight}");
         let _ = writeln!(t, "  kills:               {}", self.kills_text());
         let _ = writeln!(t, "  recoveries:          {}", o.recoveries.len());
-        let summary = |v: &[u64]| {
-            format!(
-                "min {} / median {} / p99 {} / max {}",
-                v[0],
-                percentile(v, 50.0),
-                percentile(v, 99.0),
-                v[v.len() - 1]
-            )
-        };
         if !ms.is_empty() {
             let _ = writeln!(
                 t,
                 "  recovery time (ms):  {} (kill to reconnected, as the VMM saw the outage)",
-                summary(&ms)
+                spread_text(&ms)
             );
             let restart = self.restart_to_back_ms();
             let _ = writeln!(
                 t,
                 "  restart to back (ms): {} (less the harness's 0-60 ms wait before restarting)",
-                summary(&restart)
+                spread_text(&restart)
             );
         }
         let _ = writeln!(
@@ -357,26 +368,8 @@ impl Report {
             ("recovery_ms", format!("[{}]", list(&per_kill))),
         ];
         if !ms.is_empty() {
-            fields.push((
-                "recovery_ms_summary",
-                format!(
-                    "{{\"min\": {}, \"median\": {}, \"p99\": {}, \"max\": {}}}",
-                    ms[0],
-                    percentile(&ms, 50.0),
-                    percentile(&ms, 99.0),
-                    ms[ms.len() - 1]
-                ),
-            ));
-            fields.push((
-                "restart_to_back_ms_summary",
-                format!(
-                    "{{\"min\": {}, \"median\": {}, \"p99\": {}, \"max\": {}}}",
-                    restart[0],
-                    percentile(&restart, 50.0),
-                    percentile(&restart, 99.0),
-                    restart[restart.len() - 1]
-                ),
-            ));
+            fields.push(("recovery_ms_summary", spread_json(&ms)));
+            fields.push(("restart_to_back_ms_summary", spread_json(&restart)));
         }
         fields.extend([
             ("resubmitted_total", resub.iter().sum::<u64>().to_string()),
