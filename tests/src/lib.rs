@@ -314,6 +314,25 @@ impl ChildGuard {
             .unwrap_or_default()
     }
 
+    /// Waits (up to `timeout`) until its log holds `text`; panics with the log if it never does.
+    /// For lines written after the effect a test sees: a session's closing reason is logged
+    /// once its rings are drained, after the peer already saw the connection end.
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let log = self.log();
+            if log.contains(text) {
+                return log;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{} never logged {text:?}; its output:\n{log}",
+                self.what
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Panics, with its log, unless it is still running.
     pub fn assert_running(&mut self) {
         if let Some(s) = self.exited() {

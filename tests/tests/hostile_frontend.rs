@@ -428,12 +428,7 @@ fn a_file_name_cannot_forge_a_backend_log_line() {
         assert_ne!(fe.vring_fd(Request::SetVringKick, file.as_fd()), 0);
         assert_eq!(fe.get_u64(Request::GetQueueNum), 1);
     }
-    let start = Instant::now();
-    while !g.log().contains("is not an eventfd") {
-        assert!(start.elapsed() < T, "no log line about the fd\n{}", g.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let log = g.log();
+    let log = g.wait_for_log("is not an eventfd", T);
     assert!(
         !log.lines().any(|l| l.starts_with("ERROR forged")),
         "a forged line:\n{log}"
@@ -533,8 +528,7 @@ fn a_memory_fd_shrunk_under_the_session_cannot_kill_the_backend() {
         }
     }
     g.assert_running();
-    let log = g.log();
-    assert!(log.contains("shrank under the session"), "{log}");
+    g.wait_for_log("shrank under the session", T);
     assert!(
         target_untouched(),
         "the write from vanished memory reached the disk"
