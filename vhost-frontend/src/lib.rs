@@ -8,6 +8,7 @@
 
 pub mod connection;
 pub mod features;
+pub mod probe;
 pub mod trace;
 pub mod wire;
 

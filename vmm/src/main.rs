@@ -10,6 +10,8 @@ use devices::blk::{BlkBackend, BlkBackendConfig};
 use vmm::config::{self, VmConfig};
 use vmm::vm::Vm;
 
+mod json_text;
+mod probe;
 mod reconnect_test;
 
 #[derive(Parser)]
@@ -80,6 +82,37 @@ enum Command {
     },
     /// Kill a vhost-user-blk backend at random moments while the embedded test guest writes
     /// and verifies, restart it each time, and report what it lost (exit 0: nothing).
+    /// Check any vhost-user backend for conformance and for the bug classes of hostile input
+    /// (inflight handlers, fd leaks, sizes, liveness); one line per check; exit 0 only when
+    /// every applicable check passes.
+    Probe {
+        /// The backend's unix socket.
+        #[arg(long, required_unless_present = "list")]
+        socket: Option<PathBuf>,
+        /// The backend's PID: fd and RSS are measured around each check (leaks fail it).
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Run only these checks or groups (repeatable, or comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Also write the report as JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Shell command that starts the backend listening on --socket; run when it is not
+        /// there or has died (its PID is then measured as with --pid).
+        #[arg(long, value_name = "COMMAND")]
+        restart: Option<String>,
+        /// Seconds to wait for any one answer.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+        timeout: u64,
+        /// Send the allocation bombs (GET_INFLIGHT_FD for 65535 x 65535) even to a backend not
+        /// known to be memory-capped.
+        #[arg(long)]
+        allow_huge: bool,
+        /// List the checks and exit.
+        #[arg(long)]
+        list: bool,
+    },
     ReconnectTest {
         /// The backend's shell command line, with {socket} and {disk} placeholders, e.g.
         /// 'vmm blk-backend --socket {socket} --file {disk}'.
@@ -183,6 +216,44 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 .with_inflight(!no_inflight)
                 .listen_on(&socket)?;
             Ok(0)
+        }
+        Command::Probe {
+            socket,
+            pid,
+            only,
+            json,
+            restart,
+            timeout,
+            allow_huge,
+            list,
+        } => {
+            if list {
+                for c in probe::CHECKS {
+                    println!("{:<17} {:<26} {}", c.group, c.name, c.about);
+                }
+                return Ok(0);
+            }
+            let socket = socket.ok_or_else(|| anyhow::anyhow!("--socket is required"))?;
+            if let Some(dir) = json.as_ref().and_then(|p| p.parent()) {
+                if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                    anyhow::bail!("--json: directory {} does not exist", dir.display());
+                }
+            }
+            let options = probe::Options {
+                socket,
+                pid,
+                only,
+                restart,
+                timeout: std::time::Duration::from_secs(timeout),
+                allow_huge,
+            };
+            let report = probe::run(&options).map_err(|e| anyhow::anyhow!("probe: {e}"))?;
+            println!("{}", report.summary());
+            if let Some(path) = json {
+                std::fs::write(&path, report.json())
+                    .map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
+            }
+            Ok(if report.passed() { 0 } else { 1 })
         }
         Command::ReconnectTest {
             backend,

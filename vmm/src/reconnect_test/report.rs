@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use super::kill_loop::Outcome;
 use super::pattern::{DiskCheck, Wrong};
 use super::Options;
+use crate::json_text;
 
 /// How many wrong blocks the report names.
 const NAMED: usize = 8;
@@ -322,7 +323,7 @@ impl Report {
         let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
         let strings = |v: &[String]| {
             v.iter()
-                .map(|s| json_string(s))
+                .map(|s| json_text::string(s))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
@@ -334,15 +335,15 @@ impl Report {
         };
         let restart = self.restart_to_back_ms();
         let mut fields = vec![
-            ("backend", json_string(&self.backend)),
+            ("backend", json_text::string(&self.backend)),
             (
                 "backend_version",
-                opt_string(self.backend_version.as_deref()),
+                json_text::opt_string(self.backend_version.as_deref()),
             ),
-            ("features", opt_string(o.features.as_deref())),
+            ("features", json_text::opt_string(o.features.as_deref())),
             (
                 "protocol_features",
-                opt_string(o.protocol_features.as_deref()),
+                json_text::opt_string(o.protocol_features.as_deref()),
             ),
             ("seed", self.seed.to_string()),
             ("queue_depth", self.queue_depth.to_string()),
@@ -378,7 +379,7 @@ impl Report {
                 "guest_verdict",
                 o.guest_verdict
                     .as_deref()
-                    .map(json_string)
+                    .map(json_text::string)
                     .unwrap_or_else(|| "null".into()),
             ),
             (
@@ -434,32 +435,6 @@ fn short_version(line: &str) -> String {
     line.chars().take(60).collect()
 }
 
-/// `s` as a JSON string, or null.
-fn opt_string(s: Option<&str>) -> String {
-    s.map_or_else(|| "null".into(), json_string)
-}
-
-/// `s` as a JSON string literal.
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,11 +455,6 @@ mod tests {
             "qemu-storage-daemon 10.0.2"
         );
         assert_eq!(short_version("vmm 0.1.0"), "vmm 0.1.0");
-    }
-
-    #[test]
-    fn json_strings_are_escaped() {
-        assert_eq!(json_string("a\"b\\c\n\u{1}"), r#""a\"b\\c\n\u0001""#);
     }
 
     #[test]
