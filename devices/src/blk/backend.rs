@@ -249,6 +249,10 @@ impl VhostUserDevice for BlkBackend {
         Err("the virtio-blk config space is read-only here".into())
     }
 
+    fn planted_flaws(&self) -> PlantedFlaws {
+        self.flaws
+    }
+
     fn start_ring(&self, ring: RingSetup) -> Result<QueueWorker, QueueError> {
         QueueWorker::start_with_flaws(
             ring,

@@ -1,6 +1,7 @@
-//! Planted flaws: known recovery bugs of real backends, put back into ours on purpose, so that the
-//! tools that hunt for them (`vmm reconnect-test`, the reconnect tests) can be shown to catch each
-//! one. A checker that never saw its bug is a checker that may never fail.
+//! Planted flaws: known bugs of real backends, put back into ours on purpose, so that the tools
+//! that hunt for them (`vmm reconnect-test` for recovery bugs, `vmm probe` for the control-plane
+//! defences) can be shown to catch each one. A checker that never saw its bug is a checker that
+//! may never fail.
 //!
 //! Only a build with the `planted-flaws` cargo feature can switch a flaw on (the test crate's
 //! `flawed-blk-backend` binary; `vmm` itself never enables the feature). Without it
@@ -23,13 +24,29 @@ pub enum PlantedFlaw {
     /// libvhost-user and DPDK code this project's inflight notes describe): the other entries of
     /// a published batch run again.
     RollBackOneEntry,
+    /// GET_INFLIGHT_FD sizes its region from whatever geometry it is asked for (still with
+    /// checked arithmetic), not bounded by the device's queues and ring limit: DPDK's and
+    /// libvhost-user's handler. `vmm probe`'s inflight-queue-count catches it.
+    UncheckedInflightGeometry,
+    /// A refused SET_INFLIGHT_FD keeps its fd open: the seed review's fd leak on an error path.
+    /// The probe's inflight-set-* checks catch it through /proc/PID/fd.
+    LeakRefusedInflightFd,
+    /// SET_PROTOCOL_FEATURES takes bits that were never offered. unoffered-protocol-bit.
+    AcceptUnofferedProtocolBits,
+    /// No handshake timeout: a client that connects and says nothing holds the backend for
+    /// ever. silent-client.
+    NoHandshakeTimeout,
 }
 
 impl PlantedFlaw {
-    pub const ALL: [PlantedFlaw; 3] = [
+    pub const ALL: [PlantedFlaw; 7] = [
         PlantedFlaw::AckResubmittedWithoutWriting,
         PlantedFlaw::IgnoreInflightRegion,
         PlantedFlaw::RollBackOneEntry,
+        PlantedFlaw::UncheckedInflightGeometry,
+        PlantedFlaw::LeakRefusedInflightFd,
+        PlantedFlaw::AcceptUnofferedProtocolBits,
+        PlantedFlaw::NoHandshakeTimeout,
     ];
 
     /// The name on the command line of `flawed-blk-backend --flaw`.
@@ -38,6 +55,10 @@ impl PlantedFlaw {
             PlantedFlaw::AckResubmittedWithoutWriting => "ack-resubmitted-without-writing",
             PlantedFlaw::IgnoreInflightRegion => "ignore-inflight-region",
             PlantedFlaw::RollBackOneEntry => "roll-back-one-entry",
+            PlantedFlaw::UncheckedInflightGeometry => "unchecked-inflight-geometry",
+            PlantedFlaw::LeakRefusedInflightFd => "leak-refused-inflight-fd",
+            PlantedFlaw::AcceptUnofferedProtocolBits => "accept-unoffered-protocol-bits",
+            PlantedFlaw::NoHandshakeTimeout => "no-handshake-timeout",
         }
     }
 

@@ -16,6 +16,7 @@
 //!  GET_VRING_BASE, any change to a ring ─► RingWorker::stop() ──► next avail index
 //! ```
 
+use crate::blk::planted_flaw::PlantedFlaws;
 use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
@@ -67,6 +68,12 @@ pub trait VhostUserDevice {
     /// Starts serving one ring: from here until [`RingWorker::stop`] the device's threads pop
     /// chains from the avail ring, complete them to the used ring and write `call`.
     fn start_ring(&self, ring: RingSetup) -> Result<Self::Ring, Self::RingError>;
+
+    /// The control-plane defences a test build has switched off (`crate::blk::planted_flaw`);
+    /// none in every normal build.
+    fn planted_flaws(&self) -> PlantedFlaws {
+        PlantedFlaws::NONE
+    }
 }
 
 /// A ring the device is serving. Dropping it must stop it too (a session that ends drops every

@@ -33,10 +33,13 @@ use vhost_frontend::wire::{
 
 use super::device::VhostUserDevice;
 use super::failure::{self, Failure, FailureAnswer};
+use super::inflight_region::LAYOUT;
 use super::inflight_region::{checked_region_size, new_region_memfd, InflightLimits, InflightMap};
 use super::memory::{MappedMemory, RegionLayout};
 use super::vring::{eventfd_from_peer, RunContext, UserRingAddresses, Vring};
 use super::{ServeError, SERVER_PROTOCOL_FEATURES};
+use crate::blk::planted_flaw::PlantedFlaw;
+use vhost_frontend::wire::inflight::region_size;
 
 /// GET_FEATURES: the device's virtio bits and VHOST_USER_F_PROTOCOL_FEATURES.
 pub fn offered_features(device: &impl VhostUserDevice) -> u64 {
@@ -133,7 +136,9 @@ impl<'a, D: VhostUserDevice> Session<'a, D> {
             inflight: None,
             vrings: Self::fresh_vrings(device),
             // Saturating: an absurd timeout from a caller means "no bound", not a panic.
-            handshake_deadline: Instant::now().checked_add(handshake_timeout),
+            handshake_deadline: Instant::now()
+                .checked_add(handshake_timeout)
+                .filter(|_| !device.planted_flaws().has(PlantedFlaw::NoHandshakeTimeout)),
         }
     }
 
@@ -381,7 +386,11 @@ impl<'a, D: VhostUserDevice> Session<'a, D> {
 
     fn set_protocol_features(&mut self, features: u64) -> Result<Handled, Failure> {
         let offered = offered_protocol_features(self.device);
-        if features & !offered != 0 {
+        let flawed = self
+            .device
+            .planted_flaws()
+            .has(PlantedFlaw::AcceptUnofferedProtocolBits);
+        if features & !offered != 0 && !flawed {
             return Err(Failure::Breach(format!(
                 "sets protocol bits that were not offered: {}",
                 describe_protocol_features(features & !offered)
@@ -433,8 +442,17 @@ impl<'a, D: VhostUserDevice> Session<'a, D> {
     /// owns the region and hands it back with SET_INFLIGHT_FD (`new_region_memfd`).
     fn get_inflight_fd(&mut self, asked: &InflightDescription) -> Result<Handled, Failure> {
         self.require_inflight_negotiated()?;
-        let size = checked_region_size(asked.num_queues, asked.queue_size, self.inflight_limits())
-            .map_err(|e| Failure::Breach(e.to_string()))?;
+        let size = if self
+            .device
+            .planted_flaws()
+            .has(PlantedFlaw::UncheckedInflightGeometry)
+        {
+            region_size(asked.num_queues, asked.queue_size, LAYOUT)
+                .ok_or_else(|| Failure::Breach("region size overflows".into()))?
+        } else {
+            checked_region_size(asked.num_queues, asked.queue_size, self.inflight_limits())
+                .map_err(|e| Failure::Breach(e.to_string()))?
+        };
         let reply = match new_region_memfd(size) {
             Ok(fd) => {
                 info!(
@@ -477,8 +495,17 @@ impl<'a, D: VhostUserDevice> Session<'a, D> {
         fd: OwnedFd,
     ) -> Result<Handled, Failure> {
         self.require_inflight_negotiated()?;
-        let map = InflightMap::map(fd, description, self.inflight_limits())
-            .map_err(|e| Failure::Breach(e.to_string()))?;
+        let leaked = self
+            .device
+            .planted_flaws()
+            .has(PlantedFlaw::LeakRefusedInflightFd)
+            .then(|| fd.try_clone().ok())
+            .flatten();
+        let map = InflightMap::map(fd, description, self.inflight_limits()).map_err(|e| {
+            // The planted leak: the copy is never closed.
+            std::mem::forget(leaked);
+            Failure::Breach(e.to_string())
+        })?;
         info!(
             "inflight region set: {} queue(s) of {} entries",
             description.num_queues, description.queue_size

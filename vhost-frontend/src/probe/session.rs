@@ -10,7 +10,7 @@
 //! | `Broken` | it sent bytes that are not a vhost-user message |
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -88,9 +88,10 @@ pub struct RawSession {
 }
 
 impl RawSession {
-    /// Connects to `socket`; every later wait is bounded by `timeout`.
+    /// Connects to `socket`; the connect and every later wait are bounded by `timeout`. (A
+    /// plain blocking connect waits for ever when a wedged backend's listen backlog is full.)
     pub fn connect(socket: &Path, timeout: Duration) -> io::Result<RawSession> {
-        let stream = UnixStream::connect(socket)?;
+        let stream = connect_within(socket, timeout)?;
         Ok(RawSession::from_stream(stream, timeout))
     }
 
@@ -223,6 +224,53 @@ impl RawSession {
             )
         };
         n == 0
+    }
+}
+
+/// A non-blocking connect retried while the backlog is full (EAGAIN), up to `timeout`.
+fn connect_within(socket: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = socket.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid empty value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if path.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, &src) in addr.sun_path.iter_mut().zip(path) {
+        *dst = src as libc::c_char;
+    }
+    let len = (std::mem::size_of::<libc::sa_family_t>() + path.len() + 1) as libc::socklen_t;
+    let deadline = Instant::now() + timeout;
+    loop {
+        // SAFETY: integer arguments; the result is checked.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: just created, owned by nobody else.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: addr is a valid sockaddr_un of `len` bytes, alive for the call.
+        let rc = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) };
+        if rc == 0 {
+            let stream = UnixStream::from(owned);
+            stream.set_nonblocking(false)?;
+            return Ok(stream);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EAGAIN) || Instant::now() >= deadline {
+            return Err(err);
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -3,7 +3,6 @@
 //!
 //! Everything here reads `/proc/PID`: nothing the backend says about itself is trusted.
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -140,6 +139,10 @@ impl Target {
         }
         if let Some(pid) = self.pid {
             if !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid) {
+                // Ours: wait for it, to say how it ended.
+                if let Some(status) = self.child_exit_within(Duration::from_millis(500)) {
+                    return Liveness::Died(describe_exit(status));
+                }
                 return Liveness::Died(format!("process {pid} is gone"));
             }
         }
@@ -207,7 +210,7 @@ impl Target {
                     self.socket.display()
                 ));
             }
-            if UnixStream::connect(&self.socket).is_ok() {
+            if RawSession::connect(&self.socket, Duration::from_millis(100)).is_ok() {
                 return Ok(());
             }
             if Instant::now() > deadline {

@@ -105,13 +105,17 @@ pub fn eventfd_flags(ctx: &mut Ctx) -> Outcome {
     if let Err(e) = handed {
         return setup_failed(e);
     }
-    // After the backend had its chance to set O_NONBLOCK on the shared descriptions: clear
-    // it, and fill the counters it writes to.
-    let flipped = [&fds.call, &fds.err, &fds.kick]
+    // After the backend had its chance to set O_NONBLOCK on the shared descriptions: fill the
+    // counters it writes to (our own writes non-blocking: the backend may have signalled
+    // already), then clear O_NONBLOCK under it.
+    let flipped = [&fds.call, &fds.err]
         .iter()
-        .try_for_each(|fd| set_nonblock(fd, false))
-        .and_then(|()| add_to_eventfd(&fds.call, FULL))
-        .and_then(|()| add_to_eventfd(&fds.err, FULL));
+        .try_for_each(|fd| fill(fd))
+        .and_then(|()| {
+            [&fds.call, &fds.err, &fds.kick]
+                .iter()
+                .try_for_each(|fd| set_nonblock(fd, false))
+        });
     if let Err(e) = flipped {
         return setup_failed(e.to_string());
     }
@@ -166,6 +170,21 @@ pub fn eventfd_flags(ctx: &mut Ctx) -> Outcome {
             other.describe()
         )),
     }
+}
+
+/// Makes `fd`'s counter [`FULL`] without ever blocking: O_NONBLOCK on, drain, write.
+fn fill(fd: &OwnedFd) -> std::io::Result<()> {
+    set_nonblock(fd, true)?;
+    let mut buf = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into a live buffer from an fd we own; EAGAIN (empty) is fine.
+    unsafe {
+        libc::read(
+            std::os::fd::AsRawFd::as_raw_fd(fd),
+            buf.as_mut_ptr().cast(),
+            8,
+        )
+    };
+    add_to_eventfd(fd, FULL)
 }
 
 pub fn silent_client(ctx: &mut Ctx) -> Outcome {
