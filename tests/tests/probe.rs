@@ -1,7 +1,8 @@
 //! `vmm probe`, end to end: our backend passes every check (measured through its /proc fds and
 //! RSS, under a memory cap); each defence reverted in `flawed-blk-backend` fails exactly the
 //! check that hunts for it, while the same binary without the flaw passes it; bad input gets one
-//! line and a non-zero exit.
+//! line and a non-zero exit. Two recovery flaws (planted for `vmm reconnect-test`) fail the
+//! probe's inflight-resubmit too, without a VM.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -116,6 +117,17 @@ fn each_reverted_defence_fails_its_check() {
             "no-handshake-timeout",
             &["silent-client"],
             "held the backend",
+        ),
+        // Recovery flaws, caught without a VM by the hand-written region.
+        (
+            "ignore-inflight-region",
+            &["inflight-resubmit"],
+            "were not all resubmitted",
+        ),
+        (
+            "ack-resubmitted-without-writing",
+            &["inflight-resubmit"],
+            "does not hold its data",
         ),
     ];
     for (flaw, checks, evidence) in cases {

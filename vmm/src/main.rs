@@ -229,7 +229,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         } => {
             if list {
                 for c in probe::CHECKS {
-                    println!("{:<17} {:<26} {}", c.group, c.name, c.about);
+                    probe::print_line(&format!("{:<17} {:<26} {}", c.group, c.name, c.about));
                 }
                 return Ok(0);
             }
@@ -248,7 +248,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 allow_huge,
             };
             let report = probe::run(&options).map_err(|e| anyhow::anyhow!("probe: {e}"))?;
-            println!("{}", report.summary());
+            probe::print_line(&report.summary());
             if let Some(path) = json {
                 std::fs::write(&path, report.json())
                     .map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;

@@ -106,7 +106,7 @@ pub fn run(options: &Options) -> Result<Report, String> {
             Some(why) => CheckResult::new(check, Outcome::NotRun(why.clone()), Duration::ZERO),
             None => run_one(&mut ctx, check),
         };
-        print_line(&result);
+        print_line(&result.line());
         // Gone for good (no --restart to bring it back): say so once, skip the rest.
         if down.is_none() {
             if let Liveness::Died(why) | Liveness::Silent(why) = ctx.target.liveness() {
@@ -132,8 +132,10 @@ pub fn run(options: &Options) -> Result<Report, String> {
     })
 }
 
-fn print_line(result: &CheckResult) {
-    println!("{}", result.line());
+/// One line on stdout; a closed pipe (`vmm probe | head`) is not worth a panic.
+pub fn print_line(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 /// One check, framed by the liveness and resource measurements.

@@ -7,6 +7,7 @@ pub mod identity;
 mod inflight;
 mod inflight_hostile;
 mod resources;
+mod resubmit;
 
 use super::context::{Ack, Ctx};
 use super::Outcome;
@@ -54,6 +55,8 @@ pub static CHECKS: &[Check] = &[
         "GET_INFLIGHT_FD: one fd, the split layout's size, a zeroed region inside the file"),
     check!("inflight", "inflight-set", inflight::set,
         "SET_INFLIGHT_FD with the region GET returned is accepted"),
+    check!("inflight", "inflight-resubmit", resubmit::resubmit,
+        "recovery resubmits exactly what a hand-written region holds in flight, not a published request (virtio-blk)"),
     check!("inflight-hostile", "inflight-queue-count", inflight_hostile::queue_count,
         "GET_INFLIGHT_FD for 0 queues and for one more queue than the device has is refused"),
     check!("inflight-hostile", "inflight-queue-size", inflight_hostile::queue_size,
