@@ -16,8 +16,8 @@ use std::collections::HashSet;
 use std::os::unix::net::UnixStream;
 use std::sync::OnceLock;
 
-use devices::blk::{BlkBackend, BlkBackendConfig};
-use fuzz_support::{send_all, FdLeakCheck};
+use devices::blk::BlkBackend;
+use fuzz_support::{open_blk_backend, send_all, FdLeakCheck};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use vhost_frontend::wire::{
@@ -29,27 +29,12 @@ use vhost_frontend::wire::{
 /// the replies (at most one per message, each under 300 bytes) must fit the socket buffer.
 const MAX_MESSAGES: usize = 64;
 const NUM_QUEUES: u16 = 2;
-const QUEUE_SIZE: u16 = 256;
 
 /// One backend for the whole run (the image is opened once, as `vmm blk-backend` does); each
 /// input is one `serve` session on it, and sessions share nothing else.
 fn backend() -> &'static BlkBackend {
     static BACKEND: OnceLock<BlkBackend> = OnceLock::new();
-    BACKEND.get_or_init(|| {
-        let path =
-            std::env::temp_dir().join(format!("backend-session-fuzz-{}.img", std::process::id()));
-        std::fs::write(&path, vec![0u8; 64 * 1024]).expect("create the disk image");
-        let backend = BlkBackend::open(BlkBackendConfig {
-            path: path.clone(),
-            readonly: false,
-            num_queues: NUM_QUEUES,
-            queue_size: QUEUE_SIZE,
-        })
-        .expect("open the backend");
-        // The backend holds the image open; the name is no longer needed.
-        let _ = std::fs::remove_file(&path);
-        backend
-    })
+    BACKEND.get_or_init(|| open_blk_backend("backend-session"))
 }
 
 fuzz_target!(|data: &[u8]| {

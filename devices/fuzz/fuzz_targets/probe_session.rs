@@ -21,8 +21,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use devices::blk::{BlkBackend, BlkBackendConfig};
-use fuzz_support::FdLeakCheck;
+use devices::blk::BlkBackend;
+use fuzz_support::{open_blk_backend, FdLeakCheck};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use vhost_frontend::probe::fds::{eventfd, memfd};
@@ -30,28 +30,13 @@ use vhost_frontend::probe::{Answer, ProbeMessage, RawSession};
 use vhost_frontend::wire::{InflightDescription, MemoryRegion, Request};
 
 const MAX_MESSAGES: usize = 32;
-const NUM_QUEUES: u16 = 2;
-const QUEUE_SIZE: u16 = 256;
 /// The fuzzer's guest RAM: small, so a corpus entry stays cheap.
 const RAM: u64 = 64 * 1024;
 const VA: u64 = 0x7f00_0000_0000;
 
 fn backend() -> &'static BlkBackend {
     static BACKEND: OnceLock<BlkBackend> = OnceLock::new();
-    BACKEND.get_or_init(|| {
-        let path =
-            std::env::temp_dir().join(format!("probe-session-fuzz-{}.img", std::process::id()));
-        std::fs::write(&path, vec![0u8; 64 * 1024]).expect("create the disk image");
-        let backend = BlkBackend::open(BlkBackendConfig {
-            path: path.clone(),
-            readonly: false,
-            num_queues: NUM_QUEUES,
-            queue_size: QUEUE_SIZE,
-        })
-        .expect("open the backend");
-        let _ = std::fs::remove_file(&path);
-        backend
-    })
+    BACKEND.get_or_init(|| open_blk_backend("probe-session"))
 }
 
 fuzz_target!(|data: &[u8]| {

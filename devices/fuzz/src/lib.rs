@@ -89,3 +89,20 @@ pub fn send_all(stream: &UnixStream, mut bytes: &[u8]) -> bool {
     }
     true
 }
+
+/// The blk backend a session target serves its inputs with: 2 queues of 256 entries on a
+/// 64 KiB image, opened once per run as `vmm blk-backend` opens its disk (the file is unlinked
+/// at once: the backend holds it open). Each input is one `serve` session on it.
+pub fn open_blk_backend(tag: &str) -> devices::blk::BlkBackend {
+    let path = std::env::temp_dir().join(format!("{tag}-fuzz-{}.img", std::process::id()));
+    std::fs::write(&path, vec![0u8; 64 * 1024]).expect("create the disk image");
+    let backend = devices::blk::BlkBackend::open(devices::blk::BlkBackendConfig {
+        path: path.clone(),
+        readonly: false,
+        num_queues: 2,
+        queue_size: 256,
+    })
+    .expect("open the backend");
+    let _ = std::fs::remove_file(&path);
+    backend
+}

@@ -20,7 +20,9 @@ use vhost_frontend::probe::ProbeMessage;
 use vhost_frontend::wire::MemoryRegion;
 use vhost_frontend::Request;
 
+use super::checks::setup_failed;
 use super::context::Session;
+use super::Outcome;
 
 /// Where the probe claims its guest RAM lives in its own address space.
 pub const VA: u64 = 0x7f00_0000_0000;
@@ -72,12 +74,7 @@ impl GuestRam {
     }
 
     fn descriptor(&self, i: u64, addr: u64, len: u32, flags: u16, next: u16) -> Result<(), String> {
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&next.to_le_bytes());
-        self.write(DESC + 16 * i, &raw)
+        write_descriptor(&self.file, DESC, i, addr, len, flags, next)
     }
 
     /// SET_MEM_TABLE with this RAM as one region.
@@ -96,6 +93,37 @@ impl GuestRam {
     pub fn completed(&self) -> bool {
         self.read_u16(USED + 2) == Some(1)
     }
+}
+
+/// Descriptor `i` of the split-ring table at `table` in `ram`, as a driver writes it.
+pub fn write_descriptor(
+    ram: &File,
+    table: u64,
+    i: u64,
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+) -> Result<(), String> {
+    let mut raw = [0u8; 16];
+    raw[0..8].copy_from_slice(&addr.to_le_bytes());
+    raw[8..12].copy_from_slice(&len.to_le_bytes());
+    raw[12..14].copy_from_slice(&flags.to_le_bytes());
+    raw[14..16].copy_from_slice(&next.to_le_bytes());
+    ram.write_all_at(&raw, table + 16 * i)
+        .map_err(|e| format!("writing descriptor {i}: {e}"))
+}
+
+/// Guest RAM as `s`'s memory table, queue 0 configured on it (not started), and its eventfds;
+/// `sealed` RAM cannot shrink. `Err`: the check's verdict (set-up failed).
+pub fn ring_setup(s: &Session, sealed: bool) -> Result<(GuestRam, RingFds), Outcome> {
+    let ram = GuestRam::new(sealed).map_err(setup_failed)?;
+    let fds = RingFds::new().map_err(setup_failed)?;
+    ram.mem_table()
+        .and_then(|m| s.setup(m))
+        .and_then(|()| configure_queue0(s))
+        .map_err(setup_failed)?;
+    Ok((ram, fds))
 }
 
 /// The eventfds of queue 0.
@@ -118,23 +146,25 @@ impl RingFds {
 
 /// Size, base and addresses of queue 0 (the ring is not started: no kick fd yet).
 pub fn configure_queue0(s: &Session) -> Result<(), String> {
-    s.setup(ProbeMessage::vring_state(
-        Request::SetVringNum,
-        0,
-        u32::from(RING_SIZE),
-        false,
-    ))?;
+    configure_queue(s, RING_SIZE, 0, [DESC, AVAIL, USED])
+}
+
+/// Queue 0 with `size` entries from avail index `base`, its parts at these guest addresses.
+pub fn configure_queue(s: &Session, size: u16, base: u32, at: [u64; 3]) -> Result<(), String> {
+    let [desc, avail, used] = at;
+    let num = ProbeMessage::vring_state(Request::SetVringNum, 0, u32::from(size), false);
+    s.setup(num)?;
     s.setup(ProbeMessage::vring_state(
         Request::SetVringBase,
         0,
-        0,
+        base,
         false,
     ))?;
     s.setup(ProbeMessage::vring_addr(
         0,
-        VA + DESC,
-        VA + AVAIL,
-        VA + USED,
+        VA + desc,
+        VA + avail,
+        VA + used,
         false,
     ))
 }

@@ -19,7 +19,7 @@ use vhost_frontend::wire::{InflightDescription, InflightLayout, Request};
 use super::inflight::{get_region, inflight_session, QUEUE_SIZE};
 use super::{all_cases, refused, setup_failed};
 use crate::probe::context::{Ack, Ctx};
-use crate::probe::rings::{configure_queue0, start_queue0, GuestRam, RingFds, RING_SIZE};
+use crate::probe::rings::{ring_setup, start_queue0, RING_SIZE};
 use crate::probe::Outcome;
 
 /// One GET_INFLIGHT_FD that deserves a refusal, on a fresh connection.
@@ -298,21 +298,10 @@ pub fn hostile_region(ctx: &mut Ctx) -> Outcome {
     if let Err(e) = write_lying_region(&file) {
         return setup_failed(e);
     }
-    let ram = match GuestRam::new(true) {
+    let (_ram, fds) = match ring_setup(&s, true) {
         Ok(r) => r,
-        Err(e) => return setup_failed(e),
+        Err(o) => return o,
     };
-    let fds = match RingFds::new() {
-        Ok(f) => f,
-        Err(e) => return setup_failed(e),
-    };
-    let set_up = ram
-        .mem_table()
-        .and_then(|m| s.setup(m))
-        .and_then(|()| configure_queue0(&s));
-    if let Err(e) = set_up {
-        return setup_failed(e);
-    }
     let d = InflightDescription {
         mmap_size: size,
         mmap_offset: 0,

@@ -12,7 +12,7 @@ use vhost_frontend::wire::{MemoryTable, Request};
 
 use super::{all_cases, refused, setup_failed};
 use crate::probe::context::{Ack, Ctx, DeviceGuess};
-use crate::probe::rings::{configure_queue0, start_queue0, GuestRam, RingFds};
+use crate::probe::rings::{ring_setup, start_queue0};
 use crate::probe::Outcome;
 
 /// How long a second client waits while a silent one holds the backend.
@@ -39,17 +39,10 @@ pub fn memory_shrink(ctx: &mut Ctx) -> Outcome {
         Ok(s) => s,
         Err(e) => return setup_failed(e),
     };
-    let (ram, fds) = match (GuestRam::new(false), RingFds::new()) {
-        (Ok(r), Ok(f)) => (r, f),
-        (Err(e), _) | (_, Err(e)) => return setup_failed(e),
+    let (ram, fds) = match ring_setup(&s, false) {
+        Ok(r) => r,
+        Err(o) => return o,
     };
-    let set_up = ram
-        .mem_table()
-        .and_then(|m| s.setup(m))
-        .and_then(|()| configure_queue0(&s));
-    if let Err(e) = set_up {
-        return setup_failed(e);
-    }
     // The memory table is mapped; now the file under it goes away.
     if let Err(e) = ram.file.set_len(0) {
         return setup_failed(format!("ftruncate: {e}"));
@@ -72,17 +65,10 @@ pub fn eventfd_flags(ctx: &mut Ctx) -> Outcome {
         Ok(s) => s,
         Err(e) => return setup_failed(e),
     };
-    let (ram, fds) = match (GuestRam::new(true), RingFds::new()) {
-        (Ok(r), Ok(f)) => (r, f),
-        (Err(e), _) | (_, Err(e)) => return setup_failed(e),
+    let (ram, fds) = match ring_setup(&s, true) {
+        Ok(r) => r,
+        Err(o) => return o,
     };
-    let set_up = ram
-        .mem_table()
-        .and_then(|m| s.setup(m))
-        .and_then(|()| configure_queue0(&s));
-    if let Err(e) = set_up {
-        return setup_failed(e);
-    }
     let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| e.to_string());
     let handed = dup(&fds.call)
         .and_then(|c| {

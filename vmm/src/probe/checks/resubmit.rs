@@ -31,11 +31,11 @@ use vhost_frontend::wire::inflight::{
     region_size, split_entry_offset, HDR_DESC_NUM, HDR_VERSION, SPLIT_ENTRY_COUNTER,
     SPLIT_ENTRY_INFLIGHT, SPLIT_HDR_LAST_BATCH_HEAD, SPLIT_HDR_USED_IDX,
 };
-use vhost_frontend::wire::{InflightDescription, InflightLayout, MemoryRegion, Request};
+use vhost_frontend::wire::{InflightDescription, InflightLayout, MemoryRegion};
 
 use super::setup_failed;
 use crate::probe::context::{Ctx, DeviceGuess, Session};
-use crate::probe::rings::{RingFds, RAM_SIZE, VA};
+use crate::probe::rings::{configure_queue, start_queue0, write_descriptor, RingFds, RAM_SIZE, VA};
 use crate::probe::Outcome;
 
 const SIZE: u16 = 32;
@@ -143,53 +143,13 @@ fn run(ctx: &Ctx, s: &Session) -> Result<Result<String, String>, String> {
         queue_size: SIZE,
     };
     s.setup(ProbeMessage::set_inflight(d, vec![region_fd], false))?;
-    s.setup(ProbeMessage::vring_state(
-        Request::SetVringNum,
-        0,
-        u32::from(SIZE),
-        false,
-    ))?;
-    s.setup(ProbeMessage::vring_state(
-        Request::SetVringBase,
-        0,
-        4,
-        false,
-    ))?;
-    s.setup(ProbeMessage::vring_addr(
-        0,
-        VA + DESC,
-        VA + AVAIL,
-        VA + USED,
-        false,
-    ))?;
+    configure_queue(s, SIZE, 4, [DESC, AVAIL, USED])?;
     let fds = RingFds::new()?;
-    let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| e.to_string());
-    s.setup(ProbeMessage::vring_fd(
-        Request::SetVringCall,
-        0,
-        Some(dup(&fds.call)?),
-        false,
-    ))?;
-    s.setup(ProbeMessage::vring_fd(
-        Request::SetVringErr,
-        0,
-        Some(dup(&fds.err)?),
-        false,
-    ))?;
-    s.setup(ProbeMessage::vring_fd(
-        Request::SetVringKick,
-        0,
-        Some(dup(&fds.kick)?),
-        false,
-    ))?;
-    if has(ctx.identity.features, VHOST_USER_F_PROTOCOL_FEATURES) {
-        s.setup(ProbeMessage::vring_state(
-            Request::SetVringEnable,
-            0,
-            1,
-            false,
-        ))?;
-    }
+    start_queue0(
+        s,
+        &fds,
+        has(ctx.identity.features, VHOST_USER_F_PROTOCOL_FEATURES),
+    )?;
 
     // Recovery runs as the ring starts; A, B and D come back on the used ring.
     let Some(used) = wait_used(&ram, 4) else {
@@ -306,12 +266,15 @@ fn request(
         (status_at, 1, 2, 0),
     ];
     for (k, (addr, len, flags, next)) in descs.into_iter().enumerate() {
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&next.to_le_bytes());
-        w(DESC + 16 * (u64::from(head) + k as u64), &raw)?;
+        write_descriptor(
+            ram,
+            DESC,
+            u64::from(head) + k as u64,
+            addr,
+            len,
+            flags,
+            next,
+        )?;
     }
     Ok(())
 }
