@@ -67,10 +67,12 @@ pub const PROTOCOL_INBAND_NOTIFICATIONS: u32 = 14;
 pub const PROTOCOL_CONFIGURE_MEM_SLOTS: u32 = 15;
 /// Protocol bit: SET_STATUS / GET_STATUS.
 pub const PROTOCOL_STATUS: u32 = 16;
+/// Protocol bit: Xen mmap of guest memory.
+pub const PROTOCOL_XEN_MMAP: u32 = 17;
 /// Protocol bit: shared objects (virtio-gpu/dmabuf).
-pub const PROTOCOL_SHARED_OBJECT: u32 = 17;
+pub const PROTOCOL_SHARED_OBJECT: u32 = 18;
 /// Protocol bit: device state transfer (SET_DEVICE_STATE_FD).
-pub const PROTOCOL_DEVICE_STATE: u32 = 18;
+pub const PROTOCOL_DEVICE_STATE: u32 = 19;
 
 /// The mask with only `bit` set, for building feature words: `bit_mask(VIRTIO_F_VERSION_1)`.
 pub const fn bit_mask(bit: u32) -> u64 {
@@ -118,6 +120,7 @@ const PROTOCOL_NAMES: &[(u32, &str)] = &[
     (PROTOCOL_INBAND_NOTIFICATIONS, "INBAND_NOTIFICATIONS"),
     (PROTOCOL_CONFIGURE_MEM_SLOTS, "CONFIGURE_MEM_SLOTS"),
     (PROTOCOL_STATUS, "STATUS"),
+    (PROTOCOL_XEN_MMAP, "XEN_MMAP"),
     (PROTOCOL_SHARED_OBJECT, "SHARED_OBJECT"),
     (PROTOCOL_DEVICE_STATE, "DEVICE_STATE"),
 ];

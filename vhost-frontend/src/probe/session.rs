@@ -95,6 +95,26 @@ impl RawSession {
         Ok(RawSession::from_stream(stream, timeout))
     }
 
+    /// [`RawSession::connect`], also waiting (up to `timeout`) while the socket is missing or
+    /// refuses: a backend between two frontends may have removed and not yet re-created it
+    /// (vhost-device-vsock does), or bound it and not yet listened.
+    pub fn connect_retrying(socket: &Path, timeout: Duration) -> io::Result<RawSession> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match RawSession::connect(socket, timeout) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    ) && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// A session on a connected stream (a socketpair in the fuzz targets).
     pub fn from_stream(stream: UnixStream, timeout: Duration) -> RawSession {
         RawSession { stream, timeout }
@@ -189,6 +209,16 @@ impl RawSession {
     pub fn call(&self, message: &ProbeMessage) -> Answer {
         match self.send(message) {
             Ok(()) => self.recv(),
+            Err(SendError::Closed) => Answer::Closed,
+            Err(SendError::TimedOut) => Answer::TimedOut,
+            Err(e) => Answer::Broken(e.to_string()),
+        }
+    }
+
+    /// [`RawSession::call`] with its own bound on the answer.
+    pub fn call_within(&self, message: &ProbeMessage, wait: Duration) -> Answer {
+        match self.send(message) {
+            Ok(()) => self.recv_within(wait),
             Err(SendError::Closed) => Answer::Closed,
             Err(SendError::TimedOut) => Answer::TimedOut,
             Err(e) => Answer::Broken(e.to_string()),
@@ -332,6 +362,10 @@ mod tests {
 
     #[test]
     fn the_four_answers_are_told_apart() {
+        // Creates fds: not while a test counts the process's fds.
+        let _guard = crate::test_support::FD_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let (ours, theirs) = UnixStream::pair().unwrap();
         let s = RawSession::from_stream(ours, Duration::from_millis(50));
         assert!(matches!(s.recv(), Answer::TimedOut));
@@ -347,6 +381,10 @@ mod tests {
 
     #[test]
     fn more_fds_than_the_protocol_allows_can_be_sent() {
+        // Creates fds: not while a test counts the process's fds.
+        let _guard = crate::test_support::FD_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let (ours, theirs) = UnixStream::pair().unwrap();
         let s = RawSession::from_stream(ours, Duration::from_secs(1));
         let fds: Vec<OwnedFd> = (0..12).map(|_| eventfd(true, 0).unwrap()).collect();

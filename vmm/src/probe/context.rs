@@ -10,7 +10,7 @@ use vhost_frontend::features::{
     VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET,
 };
 use vhost_frontend::probe::{Answer, ProbeMessage, RawSession};
-use vhost_frontend::wire::{ConfigSpace, FLAG_NEED_REPLY};
+use vhost_frontend::wire::{ConfigSpace, FLAG_NEED_REPLY, MAX_QUEUES};
 use vhost_frontend::Request;
 
 use super::target::{Liveness, Target};
@@ -51,7 +51,8 @@ impl DeviceGuess {
 pub struct Identity {
     pub features: u64,
     pub protocol_features: u64,
-    /// GET_QUEUE_NUM when MQ is offered, else 1.
+    /// Virtqueues: GET_QUEUE_NUM when MQ is offered (twice that for virtio-net, which counts
+    /// queue pairs), else 1.
     pub queues: u16,
     pub device: DeviceGuess,
     /// GET_CONFIG's bytes (when CONFIG is offered and the read worked).
@@ -61,20 +62,39 @@ pub struct Identity {
 impl Identity {
     /// Asks the backend over one connection; an error when it does not answer the basics.
     pub fn learn(socket: &Path, timeout: Duration) -> Result<Identity, String> {
-        let s = RawSession::connect(socket, timeout).map_err(|e| format!("cannot connect: {e}"))?;
+        let s = RawSession::connect_retrying(socket, timeout)
+            .map_err(|e| format!("cannot connect: {e}"))?;
         let features = ask_u64(&s, Request::GetFeatures)?;
         let protocol_features = if has(features, VHOST_USER_F_PROTOCOL_FEATURES) {
             ask_u64(&s, Request::GetProtocolFeatures)?
         } else {
             0
         };
+        // As QEMU does: the protocol features are set before GET_QUEUE_NUM (rust-vmm's backends
+        // answer it only once MQ is acked).
+        if has(features, VHOST_USER_F_PROTOCOL_FEATURES) {
+            let set = ProbeMessage::u64(
+                Request::SetProtocolFeatures,
+                acked_protocol_features(protocol_features),
+                false,
+            );
+            s.send(&set)
+                .map_err(|e| format!("SET_PROTOCOL_FEATURES: {e}"))?;
+        }
+        let device = DeviceGuess::from_features(features);
         let queues = if has(protocol_features, PROTOCOL_MQ) {
             let n = ask_u64(&s, Request::GetQueueNum)?;
+            // virtio-net counts queue pairs (an rx and a tx virtqueue each).
+            let n = if device == DeviceGuess::Net {
+                n.saturating_mul(2)
+            } else {
+                n
+            };
             u16::try_from(n).unwrap_or(u16::MAX).max(1)
         } else {
             1
         };
-        let device = DeviceGuess::from_features(features);
+
         let config = if has(protocol_features, PROTOCOL_CONFIG) {
             negotiate(&s, features, protocol_features).ok();
             read_config(&s, device)
@@ -276,14 +296,41 @@ impl Ctx {
         }
     }
 
-    /// A fresh connection, nothing sent yet.
-    pub fn connect(&self) -> Result<RawSession, String> {
-        RawSession::connect(&self.target.socket, self.timeout).map_err(|e| format!("connect: {e}"))
+    /// A fresh connection that the backend is known to serve: GET_FEATURES (what every frontend
+    /// sends first) was answered on it. A backend that re-creates its socket after each
+    /// frontend (vhost-device-vsock) leaves a window in which a connection reaches the old,
+    /// dying listener and is never served; such a connection is dropped and made again.
+    pub fn connect(&mut self) -> Result<RawSession, String> {
+        let deadline = std::time::Instant::now() + self.timeout;
+        loop {
+            let s = self.connect_silent()?;
+            match s.call_within(
+                &ProbeMessage::bare(Request::GetFeatures, false),
+                Duration::from_secs(1),
+            ) {
+                Answer::Reply { .. } => return Ok(s),
+                other if std::time::Instant::now() >= deadline => {
+                    return Err(format!(
+                        "a fresh connection's GET_FEATURES got {}",
+                        other.describe()
+                    ))
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// A fresh connection, nothing sent on it. A one-session backend whose session was used
+    /// is started again first.
+    pub fn connect_silent(&mut self) -> Result<RawSession, String> {
+        self.target.fresh_session()?;
+        RawSession::connect_retrying(&self.target.socket, self.timeout)
+            .map_err(|e| format!("connect: {e}"))
     }
 
     /// A fresh connection with features, protocol features (those the probe knows, plus
     /// `extra_protocol`) and SET_OWNER sent.
-    pub fn session_with(&self, extra_protocol: u64) -> Result<Session, String> {
+    pub fn session_with(&mut self, extra_protocol: u64) -> Result<Session, String> {
         let raw = self.connect()?;
         let features = acked_features(self.identity.features);
         let protocol = acked_protocol_features(self.identity.protocol_features) | extra_protocol;
@@ -304,7 +351,7 @@ impl Ctx {
         Ok(session)
     }
 
-    pub fn session(&self) -> Result<Session, String> {
+    pub fn session(&mut self) -> Result<Session, String> {
         self.session_with(0)
     }
 
@@ -339,12 +386,17 @@ impl Ctx {
     }
 
     /// The queue count a well-formed inflight request names.
+    /// (At most the wire's MAX_QUEUES: DPDK's net backend says 128 queues, more than a region
+    /// the probe builds can describe.)
     pub fn queues(&self) -> u16 {
-        self.identity.queues.max(1)
+        self.identity.queues.clamp(1, MAX_QUEUES)
     }
 
     /// The backend answers, or is started again with `--restart`; `Err` when it is down.
     pub fn ensure_up(&mut self) -> Result<(), String> {
+        if self.target.one_session {
+            return self.target.fresh_session();
+        }
         match self.target.liveness() {
             Liveness::Answers => Ok(()),
             _ if self.target.can_restart() => self.target.restart(),

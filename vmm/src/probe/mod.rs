@@ -91,11 +91,24 @@ pub fn run(options: &Options) -> Result<Report, String> {
         options.restart.clone(),
         options.timeout,
     );
-    if target.can_restart() && target.liveness() != Liveness::Answers {
+    // With --restart the probe starts the backend, unless something listens there already (no
+    // message is sent to find out: a one-session backend would spend its session on it).
+    if target.can_restart() && !options.socket.exists() {
         target.restart()?;
     }
     let identity = Identity::learn(&options.socket, options.timeout)
         .map_err(|e| format!("{}: {e}", options.socket.display()))?;
+    // A backend of ours that exits cleanly after that one session serves one frontend per life.
+    if let Some(status) = target.child_exit_within(Duration::from_secs(1)) {
+        if !status.success() {
+            return Err(format!(
+                "the backend {} after answering who it is",
+                target::describe_exit(status)
+            ));
+        }
+        target.one_session = true;
+        target.mark_used();
+    }
     let memory_cap = target.memory_cap();
     let mut ctx = Ctx::new(target, identity, options.timeout, options.allow_huge);
     let started = Instant::now();
@@ -108,7 +121,7 @@ pub fn run(options: &Options) -> Result<Report, String> {
         };
         print_line(&result.line());
         // Gone for good (no --restart to bring it back): say so once, skip the rest.
-        if down.is_none() {
+        if down.is_none() && !ctx.target.one_session {
             if let Liveness::Died(why) | Liveness::Silent(why) = ctx.target.liveness() {
                 if !ctx.target.can_restart() {
                     down = Some(format!("the backend no longer answers ({why})"));
@@ -147,7 +160,15 @@ fn run_one(ctx: &mut Ctx, check: &'static Check) -> CheckResult {
     let pid_before = ctx.target.pid();
     let before = ctx.target.stable_usage();
     let mut outcome = (check.run)(ctx);
-    match ctx.target.liveness() {
+    // A one-session backend ends with the check's connection: how it ended is its liveness.
+    let liveness = match ctx.target.one_session {
+        true => match ctx.target.child_exit_within(Duration::from_secs(3)) {
+            Some(status) => Liveness::Died(target::describe_exit(status)),
+            None => ctx.target.liveness(),
+        },
+        false => ctx.target.liveness(),
+    };
+    match liveness {
         Liveness::Answers => {}
         // A backend that serves one frontend and then exits cleanly (virtiofsd) has not failed.
         Liveness::Died(how) if how == "exited with status 0" => {}

@@ -37,6 +37,13 @@ pub struct Target {
     timeout: Duration,
     /// How many times the probe had to start the backend again.
     pub restarts: u32,
+    /// The backend serves one frontend and exits (virtiofsd): seen after the first session,
+    /// when the backend the probe started exited with status 0. Every check then gets a
+    /// fresh backend, and no extra connection is made to ask whether it is alive (that would
+    /// use up its one session).
+    pub one_session: bool,
+    /// A one-session backend has been started and not yet connected to.
+    unused: bool,
 }
 
 impl Target {
@@ -53,6 +60,8 @@ impl Target {
             child: None,
             timeout,
             restarts: 0,
+            one_session: false,
+            unused: false,
         }
     }
 
@@ -69,17 +78,19 @@ impl Target {
         Some(Usage { fds, rss_kib })
     }
 
-    /// Before a check: a reading the backend has settled on (two equal fd counts 50 ms apart,
+    /// Before a check: a reading the backend has settled on (four equal fd counts 50 ms apart,
     /// so the liveness connection just closed is no longer counted).
     pub fn stable_usage(&self) -> Option<Usage> {
         let mut last = self.usage()?;
-        for _ in 0..20 {
+        let mut same = 0;
+        for _ in 0..40 {
             std::thread::sleep(Duration::from_millis(50));
             let now = self.usage()?;
-            if now.fds == last.fds {
-                return Some(now);
-            }
+            same = if now.fds == last.fds { same + 1 } else { 0 };
             last = now;
+            if same == 3 {
+                break;
+            }
         }
         Some(last)
     }
@@ -143,7 +154,7 @@ impl Target {
                 if let Some(status) = self.child_exit_within(Duration::from_millis(500)) {
                     return Liveness::Died(describe_exit(status));
                 }
-                return Liveness::Died(format!("process {pid} is gone"));
+                return Liveness::Died(format!("is gone (process {pid})"));
             }
         }
         let deadline = Instant::now() + self.timeout;
@@ -166,7 +177,7 @@ impl Target {
         match session.call(&ProbeMessage::bare(Request::GetFeatures, false)) {
             Answer::Reply { .. } => Liveness::Answers,
             other => {
-                if let Some(status) = self.child_exit_within(Duration::from_millis(200)) {
+                if let Some(status) = self.child_exit_within(Duration::from_secs(1)) {
                     return Liveness::Died(describe_exit(status));
                 }
                 Liveness::Silent(format!(
@@ -175,6 +186,25 @@ impl Target {
                 ))
             }
         }
+    }
+
+    /// For a one-session backend: one that has not served a frontend yet (the used one is
+    /// waited for, 3 s, and started again). Marks it used. Nothing for other backends.
+    pub fn fresh_session(&mut self) -> Result<(), String> {
+        if !self.one_session {
+            return Ok(());
+        }
+        if !std::mem::take(&mut self.unused) {
+            let _ = self.child_exit_within(Duration::from_secs(3));
+            self.restart()?;
+            self.unused = false;
+        }
+        Ok(())
+    }
+
+    /// The backend's session was used outside `fresh_session` (the identity connection).
+    pub fn mark_used(&mut self) {
+        self.unused = false;
     }
 
     /// Whether the probe may start the backend itself.
@@ -210,7 +240,13 @@ impl Target {
                     self.socket.display()
                 ));
             }
-            if RawSession::connect(&self.socket, Duration::from_millis(100)).is_ok() {
+            // The socket file, not a connection: a backend that serves one frontend would take
+            // a test connection for its frontend and exit after it.
+            if is_socket(&self.socket) {
+                // Listening is not the end of start-up (DPDK opens more fds after it): let the
+                // fd count settle, so the next check's "before" is the backend at rest.
+                std::thread::sleep(Duration::from_millis(300));
+                self.unused = true;
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -232,11 +268,13 @@ impl Target {
         }
     }
 
-    fn child_exit(&mut self) -> Option<ExitStatus> {
+    /// Whether the backend the probe started has exited (how), without waiting.
+    pub fn child_exit(&mut self) -> Option<ExitStatus> {
         self.child.as_mut()?.try_wait().ok().flatten()
     }
 
-    fn child_exit_within(&mut self, wait: Duration) -> Option<ExitStatus> {
+    /// Whether the backend the probe started has exited, waiting up to `wait`.
+    pub fn child_exit_within(&mut self, wait: Duration) -> Option<ExitStatus> {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child_exit() {
@@ -254,6 +292,11 @@ impl Drop for Target {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+fn is_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
 
 fn status_field_kib(status: &str, field: &str) -> Option<u64> {

@@ -24,6 +24,15 @@ pub fn reply_format(ctx: &mut Ctx) -> Outcome {
         asked.push(Request::GetProtocolFeatures);
     }
     if ctx.identity.offers(PROTOCOL_MQ) {
+        // Only once MQ is acked, as QEMU does it (rust-vmm's backends insist).
+        let set = ProbeMessage::u64(
+            Request::SetProtocolFeatures,
+            acked_protocol_features(ctx.identity.protocol_features),
+            false,
+        );
+        if let Err(e) = s.send(&set) {
+            return setup_failed(format!("SET_PROTOCOL_FEATURES: {e}"));
+        }
         asked.push(Request::GetQueueNum);
     }
     let cases = asked
@@ -144,7 +153,7 @@ pub fn rings_before_mem_table(ctx: &mut Ctx) -> Outcome {
     Outcome::Pass(seen.join("; "))
 }
 
-/// SET_INFLIGHT_FD as the very first message (no features, no owner).
+/// SET_INFLIGHT_FD before anything but GET_FEATURES (no features set, no owner).
 pub fn inflight_before_features(ctx: &mut Ctx) -> Outcome {
     let s = match ctx.connect() {
         Ok(s) => s,

@@ -29,10 +29,11 @@ fn get_refused(ctx: &mut Ctx, num_queues: u16, queue_size: u16) -> Result<String
         Ok(s) => s,
         Err(o) => return Err(o.evidence().to_string()),
     };
-    match s
-        .raw
-        .call(&ProbeMessage::get_inflight(num_queues, queue_size))
-    {
+    // A weak backend may zero gigabytes first: its answer is awaited for 30 s, so the verdict
+    // says what it did, not how fast.
+    let wait = ctx.timeout.max(std::time::Duration::from_secs(30));
+    let asked = ProbeMessage::get_inflight(num_queues, queue_size);
+    match s.raw.call_within(&asked, wait) {
         Answer::Reply { payload, fds, .. } => {
             let size = InflightDescription::decode(&payload).map(|d| d.mmap_size);
             match (size, fds.len()) {
@@ -60,7 +61,7 @@ fn cases_or_na(ctx: &mut Ctx, geometries: &[(u16, u16)]) -> Outcome {
 }
 
 pub fn queue_count(ctx: &mut Ctx) -> Outcome {
-    let beyond = ctx.queues().saturating_add(1);
+    let beyond = ctx.identity.queues.saturating_add(1);
     cases_or_na(ctx, &[(0, QUEUE_SIZE), (beyond, QUEUE_SIZE)])
 }
 
