@@ -304,7 +304,9 @@ fn connect_within(socket: &Path, timeout: Duration) -> io::Result<UnixStream> {
     }
 }
 
-/// One non-blocking sendmsg of `bytes` with `fds` as SCM_RIGHTS; the bytes sent.
+/// One non-blocking sendmsg of `bytes` with `fds` as SCM_RIGHTS; the bytes sent. The probe's
+/// own, not `wire::socket`'s: that one refuses more than the protocol's MAX_FDS, and sending
+/// more is what `many-fds` is for.
 fn send_once(stream: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
     let raw: Vec<libc::c_int> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let payload_len = std::mem::size_of_val(raw.as_slice());
