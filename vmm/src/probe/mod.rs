@@ -96,6 +96,8 @@ pub fn run(options: &Options) -> Result<Report, String> {
     if target.can_restart() && !options.socket.exists() {
         target.restart()?;
     }
+    // Read now: a one-session backend's first process is gone after the identity session.
+    let memory_cap = target.memory_cap();
     let identity = Identity::learn(&options.socket, options.timeout)
         .map_err(|e| format!("{}: {e}", options.socket.display()))?;
     // A backend of ours that exits cleanly after that one session serves one frontend per life.
@@ -109,7 +111,6 @@ pub fn run(options: &Options) -> Result<Report, String> {
         target.one_session = true;
         target.mark_used();
     }
-    let memory_cap = target.memory_cap();
     let mut ctx = Ctx::new(target, identity, options.timeout, options.allow_huge);
     let started = Instant::now();
     let mut results = Vec::new();

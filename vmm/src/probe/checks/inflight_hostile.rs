@@ -144,7 +144,7 @@ pub fn set_too_small(ctx: &mut Ctx) -> Outcome {
         &format!("mmap_size {small} for {queues} x {QUEUE_SIZE} ({size} needed)"),
         description(queues, small, 0),
         vec![fd],
-        "the last ring's entries lie past the mapping: its first store there faults",
+        "the last ring's last entries lie past the region it described: a store there lands outside it (past the mapping, a fault)",
     )
 }
 
