@@ -207,12 +207,7 @@ impl RawSession {
     /// Sends `message` and waits for one answer. A send the backend refused by closing is
     /// `Closed`, as is a reply cut short.
     pub fn call(&self, message: &ProbeMessage) -> Answer {
-        match self.send(message) {
-            Ok(()) => self.recv(),
-            Err(SendError::Closed) => Answer::Closed,
-            Err(SendError::TimedOut) => Answer::TimedOut,
-            Err(e) => Answer::Broken(e.to_string()),
-        }
+        self.call_within(message, self.timeout)
     }
 
     /// [`RawSession::call`] with its own bound on the answer.

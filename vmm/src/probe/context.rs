@@ -392,17 +392,24 @@ impl Ctx {
         self.identity.queues.clamp(1, MAX_QUEUES)
     }
 
-    /// The backend answers, or is started again with `--restart`; `Err` when it is down.
-    pub fn ensure_up(&mut self) -> Result<(), String> {
+    /// The backend answers, or is started again with `--restart`; `Err` when it is down. What
+    /// the runner saw right after the previous check (`seen`) stands for a fresh look: one
+    /// liveness connection per check, not two.
+    pub fn ensure_up(&mut self, seen: Option<Liveness>) -> Result<(), String> {
         if self.target.one_session {
             return self.target.fresh_session();
         }
-        match self.target.liveness() {
+        let liveness = match seen {
+            Some(l) => l,
+            None => self.target.liveness(),
+        };
+        match liveness {
             Liveness::Answers => Ok(()),
             _ if self.target.can_restart() => self.target.restart(),
-            Liveness::Died(why) | Liveness::Silent(why) => {
-                Err(format!("the backend no longer answers ({why})"))
-            }
+            down => Err(format!(
+                "the backend no longer answers ({})",
+                down.describe()
+            )),
         }
     }
 }

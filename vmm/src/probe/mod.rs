@@ -5,8 +5,9 @@
 //! or N/A with the evidence:
 //!
 //! ```text
-//!  for each check:  liveness ─► usage before ─► check (its own connection) ─► liveness ─► usage after
-//!                   (answers?)  (/proc fds, RSS)  (Outcome + evidence)         (died? silent?) (leak? growth?)
+//!  for each check:  up? ─────► usage before ─► check (its own connection) ─► liveness ─► usage after
+//!                   (restart)   (/proc fds, RSS)  (Outcome + evidence)         (died? silent?) (leak? growth?)
+//!                   the liveness after one check stands for "up?" before the next
 //! ```
 //!
 //! What the runner adds to every check's own verdict ([`Target`]): a backend that died or stops
@@ -111,24 +112,34 @@ pub fn run(options: &Options) -> Result<Report, String> {
         target.one_session = true;
         target.mark_used();
     }
+    // Starts of the backend before the checks are not restarts.
+    let started_before = target.restarts;
     let mut ctx = Ctx::new(target, identity, options.timeout, options.allow_huge);
     let started = Instant::now();
     let mut results = Vec::new();
     let mut down: Option<String> = None;
+    let mut seen = None;
     for check in selected {
         let result = match &down {
             Some(why) => CheckResult::new(check, Outcome::NotRun(why.clone()), Duration::ZERO),
-            None => run_one(&mut ctx, check),
+            None => {
+                let (result, liveness) = run_one(&mut ctx, check, seen.take());
+                // Gone for good (no --restart to bring it back): say so once, skip the rest.
+                match &liveness {
+                    Liveness::Answers => {}
+                    _ if ctx.target.can_restart() => {}
+                    gone => {
+                        down = Some(format!(
+                            "the backend no longer answers ({})",
+                            gone.describe()
+                        ))
+                    }
+                }
+                seen = Some(liveness);
+                result
+            }
         };
         print_line(&result.line());
-        // Gone for good (no --restart to bring it back): say so once, skip the rest.
-        if down.is_none() && !ctx.target.one_session {
-            if let Liveness::Died(why) | Liveness::Silent(why) = ctx.target.liveness() {
-                if !ctx.target.can_restart() {
-                    down = Some(format!("the backend no longer answers ({why})"));
-                }
-            }
-        }
         results.push(result);
     }
     ctx.target.stop();
@@ -137,10 +148,7 @@ pub fn run(options: &Options) -> Result<Report, String> {
         identity: ctx.identity.clone(),
         memory_cap,
         pid_given: options.pid.is_some() || options.restart.is_some(),
-        restarts: ctx
-            .target
-            .restarts
-            .saturating_sub(u32::from(options.restart.is_some())),
+        restarts: ctx.target.restarts - started_before,
         results,
         elapsed: started.elapsed(),
     })
@@ -152,11 +160,17 @@ pub fn print_line(line: &str) {
     let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
-/// One check, framed by the liveness and resource measurements.
-fn run_one(ctx: &mut Ctx, check: &'static Check) -> CheckResult {
+/// One check, framed by the liveness and resource measurements; also what became of the
+/// backend after it. `seen`: its liveness after the previous check.
+fn run_one(
+    ctx: &mut Ctx,
+    check: &'static Check,
+    seen: Option<Liveness>,
+) -> (CheckResult, Liveness) {
     let started = Instant::now();
-    if let Err(why) = ctx.ensure_up() {
-        return CheckResult::new(check, Outcome::NotRun(why), started.elapsed());
+    if let Err(why) = ctx.ensure_up(seen) {
+        let result = CheckResult::new(check, Outcome::NotRun(why.clone()), started.elapsed());
+        return (result, Liveness::Silent(why));
     }
     let pid_before = ctx.target.pid();
     let before = ctx.target.stable_usage();
@@ -164,16 +178,18 @@ fn run_one(ctx: &mut Ctx, check: &'static Check) -> CheckResult {
     // A one-session backend ends with the check's connection: how it ended is its liveness.
     let liveness = match ctx.target.one_session {
         true => match ctx.target.child_exit_within(Duration::from_secs(3)) {
-            Some(status) => Liveness::Died(target::describe_exit(status)),
+            Some(status) => Liveness::Exited(status),
             None => ctx.target.liveness(),
         },
         false => ctx.target.liveness(),
     };
-    match liveness {
+    match &liveness {
         Liveness::Answers => {}
         // A backend that serves one frontend and then exits cleanly (virtiofsd) has not failed.
-        Liveness::Died(how) if how == "exited with status 0" => {}
-        Liveness::Died(how) => outcome = outcome.failed(format!("the backend died: it {how}")),
+        Liveness::Exited(status) if status.success() => {}
+        Liveness::Exited(_) | Liveness::Died(_) => {
+            outcome = outcome.failed(format!("the backend died: it {}", liveness.describe()))
+        }
         Liveness::Silent(why) => {
             outcome = outcome.failed(format!("the backend stopped answering: {why}"))
         }
@@ -200,7 +216,7 @@ fn run_one(ctx: &mut Ctx, check: &'static Check) -> CheckResult {
     }
     let mut result = CheckResult::new(check, outcome, started.elapsed());
     result.usage = usage;
-    result
+    (result, liveness)
 }
 
 /// The checks named by `--only` (check names or group names), in catalogue order.

@@ -22,10 +22,24 @@ pub struct Usage {
 pub enum Liveness {
     /// A fresh connection got GET_FEATURES answered.
     Answers,
-    /// The process is gone; how it ended, when the probe started it and so could see.
+    /// The process the probe started ended, with this status (0 after its one frontend is how a
+    /// one-session backend ends, not a failure).
+    Exited(ExitStatus),
+    /// The process is gone, and how it ended cannot be seen (it is not the probe's child).
     Died(String),
     /// It is there but a fresh connection got no answer in time (or no connection at all).
     Silent(String),
+}
+
+impl Liveness {
+    /// What became of the backend, for evidence: "answers", "exited with status 1", ...
+    pub fn describe(&self) -> String {
+        match self {
+            Liveness::Answers => "answers".into(),
+            Liveness::Exited(status) => describe_exit(*status),
+            Liveness::Died(why) | Liveness::Silent(why) => why.clone(),
+        }
+    }
 }
 
 pub struct Target {
@@ -146,13 +160,13 @@ impl Target {
     /// Whether the backend answers a fresh connection (GET_FEATURES) within the timeout.
     pub fn liveness(&mut self) -> Liveness {
         if let Some(status) = self.child_exit() {
-            return Liveness::Died(describe_exit(status));
+            return Liveness::Exited(status);
         }
         if let Some(pid) = self.pid {
             if !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid) {
                 // Ours: wait for it, to say how it ended.
                 if let Some(status) = self.child_exit_within(Duration::from_millis(500)) {
-                    return Liveness::Died(describe_exit(status));
+                    return Liveness::Exited(status);
                 }
                 return Liveness::Died(format!("is gone (process {pid})"));
             }
@@ -168,7 +182,7 @@ impl Target {
                 Err(e) => {
                     // A backend that serves one frontend and then exits is gone by now.
                     if let Some(status) = self.child_exit() {
-                        return Liveness::Died(describe_exit(status));
+                        return Liveness::Exited(status);
                     }
                     return Liveness::Silent(format!("cannot connect: {e}"));
                 }
@@ -178,7 +192,7 @@ impl Target {
             Answer::Reply { .. } => Liveness::Answers,
             other => {
                 if let Some(status) = self.child_exit_within(Duration::from_secs(1)) {
-                    return Liveness::Died(describe_exit(status));
+                    return Liveness::Exited(status);
                 }
                 Liveness::Silent(format!(
                     "a fresh connection's GET_FEATURES got {}",
@@ -373,7 +387,7 @@ mod tests {
         );
         let err = t.restart().unwrap_err();
         assert!(err.contains("exited with status 1"), "{err}");
-        assert!(matches!(t.liveness(), Liveness::Died(_)));
+        assert!(matches!(t.liveness(), Liveness::Exited(s) if !s.success()));
     }
 
     #[test]
