@@ -96,7 +96,12 @@ impl Identity {
         };
 
         let config = if has(protocol_features, PROTOCOL_CONFIG) {
-            negotiate(&s, features, protocol_features).ok();
+            set_features(&s, features, acked_protocol_features(protocol_features))
+                .and_then(|()| {
+                    s.send(&ProbeMessage::bare(Request::SetOwner, false))
+                        .map_err(|e| e.to_string())
+                })
+                .ok();
             read_config(&s, device)
         } else {
             None
@@ -171,22 +176,23 @@ pub fn acked_protocol_features(offered: u64) -> u64 {
     offered & known
 }
 
-/// SET_FEATURES, SET_PROTOCOL_FEATURES, SET_OWNER: what a frontend sends before anything else.
-fn negotiate(s: &RawSession, features: u64, protocol: u64) -> Result<(), String> {
+/// SET_FEATURES (the `offered` bits the probe can drive) and, when the backend has protocol
+/// features, SET_PROTOCOL_FEATURES with `protocol`: what a frontend sends before SET_OWNER.
+fn set_features(s: &RawSession, offered: u64, protocol: u64) -> Result<(), String> {
     let send = |m: ProbeMessage| s.send(&m).map_err(|e| format!("{}: {e}", m.name()));
     send(ProbeMessage::u64(
         Request::SetFeatures,
-        acked_features(features),
+        acked_features(offered),
         false,
     ))?;
-    if has(features, VHOST_USER_F_PROTOCOL_FEATURES) {
+    if has(offered, VHOST_USER_F_PROTOCOL_FEATURES) {
         send(ProbeMessage::u64(
             Request::SetProtocolFeatures,
-            acked_protocol_features(protocol),
+            protocol,
             false,
         ))?;
     }
-    send(ProbeMessage::bare(Request::SetOwner, false))
+    Ok(())
 }
 
 /// What became of a message that has no reply of its own.
@@ -332,17 +338,8 @@ impl Ctx {
     /// `extra_protocol`) and SET_OWNER sent.
     pub fn session_with(&mut self, extra_protocol: u64) -> Result<Session, String> {
         let raw = self.connect()?;
-        let features = acked_features(self.identity.features);
         let protocol = acked_protocol_features(self.identity.protocol_features) | extra_protocol;
-        let send = |m: ProbeMessage| raw.send(&m).map_err(|e| format!("{}: {e}", m.name()));
-        send(ProbeMessage::u64(Request::SetFeatures, features, false))?;
-        if has(self.identity.features, VHOST_USER_F_PROTOCOL_FEATURES) {
-            send(ProbeMessage::u64(
-                Request::SetProtocolFeatures,
-                protocol,
-                false,
-            ))?;
-        }
+        set_features(&raw, self.identity.features, protocol)?;
         let session = Session {
             raw,
             reply_ack: has(protocol, PROTOCOL_REPLY_ACK),
