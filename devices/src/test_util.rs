@@ -129,6 +129,39 @@ impl TestRing {
         head
     }
 
+    /// Puts both rings at index `idx`, as after `idx` requests served (to test wrap-around).
+    pub fn start_at(&mut self, mem: &GuestMemoryMmap, idx: u16) {
+        self.avail_idx = idx;
+        for ring in [self.rings.avail_ring, self.rings.used_ring] {
+            mem.store(idx.to_le(), GuestAddress(ring.0 + 2), Ordering::Release)
+                .expect("ring idx");
+        }
+    }
+
+    /// Writes the driver's used_event (EVENT_IDX: "interrupt me once entry `event` is used").
+    pub fn set_used_event(&self, mem: &GuestMemoryMmap, event: u16) {
+        let at = self.rings.avail_ring.0 + 4 + 2 * u64::from(self.size);
+        mem.store(event.to_le(), GuestAddress(at), Ordering::Release)
+            .expect("used_event");
+    }
+
+    /// The device's avail_event (EVENT_IDX: "kick me once you publish entry `avail_event`").
+    pub fn avail_event(&self, mem: &GuestMemoryMmap) -> u16 {
+        let at = self.rings.used_ring.0 + 4 + 8 * u64::from(self.size);
+        u16::from_le(
+            mem.load(GuestAddress(at), Ordering::Acquire)
+                .expect("avail_event"),
+        )
+    }
+
+    /// The used ring's flags (VRING_USED_F_NO_NOTIFY = 1: "do not kick me").
+    pub fn used_flags(&self, mem: &GuestMemoryMmap) -> u16 {
+        u16::from_le(
+            mem.load(self.rings.used_ring, Ordering::Acquire)
+                .expect("used flags"),
+        )
+    }
+
     pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
         let idx: u16 = mem
             .load(GuestAddress(self.rings.used_ring.0 + 2), Ordering::Acquire)

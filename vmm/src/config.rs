@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use devices::blk::backend::IoEngine;
 pub use devices::virtio_mmio::ReconnectPolicy;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -24,11 +25,16 @@ pub enum ConfigError {
 /// A virtio-blk device: served by our in-process fallback backend or by an external one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlkConfig {
-    /// `--blk path=FILE[,readonly][,queues=N]`: our backend on a thread, over a socketpair.
+    /// `--blk path=FILE[,readonly][,queues=N][,direct=on|off][,engine=inline|threads]`: our
+    /// backend on a thread, over a socketpair.
     InProcess {
         path: PathBuf,
         readonly: bool,
         queues: u16,
+        /// Open the image with O_DIRECT.
+        direct: bool,
+        /// Who runs each queue's disk I/O.
+        engine: IoEngine,
     },
     /// `--blk socket=PATH[,queues=N][,reconnect=off|MS]`: any vhost-user-blk backend listening
     /// on a unix socket. Once connected, a backend that goes away is reconnected per `reconnect`
@@ -110,6 +116,8 @@ pub fn parse_blk(s: &str) -> Result<BlkConfig, ConfigError> {
     let mut readonly = false;
     let mut queues = 1u16;
     let mut reconnect = None;
+    let mut direct = None;
+    let mut engine = None;
     for part in s.split(',') {
         match part.split_once('=') {
             Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
@@ -125,12 +133,18 @@ pub fn parse_blk(s: &str) -> Result<BlkConfig, ConfigError> {
                 }
                 _ => return Err(bad("reconnect= takes off or milliseconds from 1 to 60000")),
             },
+            Some(("direct", "on")) => direct = Some(true),
+            Some(("direct", "off")) => direct = Some(false),
+            Some(("direct", _)) => return Err(bad("direct= takes on or off")),
+            Some(("engine", v)) => match v.parse::<IoEngine>() {
+                Ok(e) => engine = Some(e),
+                Err(_) => return Err(bad("engine= takes inline or threads")),
+            },
             None if part == "readonly" => readonly = true,
-            _ => {
-                return Err(bad(
-                    "expected path=FILE[,readonly][,queues=N] or socket=PATH[,queues=N][,reconnect=off|MS]",
-                ))
-            }
+            _ => return Err(bad(
+                "expected path=FILE[,readonly][,queues=N][,direct=on|off][,engine=inline|threads] \
+                     or socket=PATH[,queues=N][,reconnect=off|MS]",
+            )),
         }
     }
     match (path, socket) {
@@ -141,7 +155,13 @@ pub fn parse_blk(s: &str) -> Result<BlkConfig, ConfigError> {
             path,
             readonly,
             queues,
+            direct: direct.unwrap_or(false),
+            engine: engine.unwrap_or_default(),
         }),
+        (None, Some(_)) if direct.is_some() || engine.is_some() => Err(bad(
+            "direct= and engine= are options of our in-process backend; pass them to the \
+             backend (vmm blk-backend --direct --io-engine)",
+        )),
         (None, Some(path)) if !readonly => Ok(BlkConfig::Socket {
             path,
             queues,
@@ -203,6 +223,8 @@ mod tests {
             path: p.into(),
             readonly,
             queues,
+            direct: false,
+            engine: IoEngine::Inline,
         };
         let socket = |p: &str, queues| BlkConfig::Socket {
             path: p.into(),
@@ -216,6 +238,20 @@ mod tests {
         assert_eq!(
             parse_blk("path=/d.img,queues=8"),
             Ok(in_process("/d.img", false, 8))
+        );
+        assert_eq!(
+            parse_blk("path=/d.img,direct=on,engine=threads"),
+            Ok(BlkConfig::InProcess {
+                path: "/d.img".into(),
+                readonly: false,
+                queues: 1,
+                direct: true,
+                engine: IoEngine::Threads,
+            })
+        );
+        assert_eq!(
+            parse_blk("path=/d.img,direct=off,engine=inline"),
+            Ok(in_process("/d.img", false, 1))
         );
         assert_eq!(parse_blk("socket=/s"), Ok(socket("/s", 1)));
         assert_eq!(parse_blk("socket=/s,queues=4"), Ok(socket("/s", 4)));
@@ -248,6 +284,11 @@ mod tests {
             "path=/d,queues=65",
             "path=/d,queues=x",
             "socket=/s,readonly",
+            "path=/d,direct=yes",
+            "path=/d,direct=",
+            "path=/d,engine=uring",
+            "socket=/s,direct=on",
+            "socket=/s,engine=threads",
         ] {
             assert!(parse_blk(bad).is_err(), "{bad}");
         }

@@ -108,6 +108,8 @@ pub fn attach_blk_devices(
                 path,
                 readonly,
                 queues,
+                direct,
+                engine,
             } => {
                 let what = format!(
                     "in-process backend for {}",
@@ -118,6 +120,8 @@ pub fn attach_blk_devices(
                     readonly: *readonly,
                     num_queues: *queues,
                     queue_size: BLK_QUEUE_SIZE,
+                    direct: *direct,
+                    engine: *engine,
                 };
                 let (s, t) = BlkBackend::spawn_in_process(cfg.clone()).map_err(|source| {
                     VirtioError::Fallback {

@@ -101,6 +101,8 @@ pub fn open_blk_backend(tag: &str) -> devices::blk::BlkBackend {
         readonly: false,
         num_queues: 2,
         queue_size: 256,
+        direct: false,
+        engine: Default::default(),
     })
     .expect("open the backend");
     let _ = std::fs::remove_file(&path);

@@ -27,16 +27,16 @@ use std::time::{Duration, Instant};
 use tracing::info;
 use vhost_frontend::features::{
     bit_mask, PROTOCOL_CONFIG, PROTOCOL_INFLIGHT_SHMFD, PROTOCOL_MQ, PROTOCOL_REPLY_ACK,
-    VIRTIO_ID_BLOCK, VIRTIO_RING_F_INDIRECT_DESC,
+    VIRTIO_ID_BLOCK, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 use super::config::{offered_virtio_features, BlkConfig};
 use super::disk::Disk;
 use super::planted_flaw::PlantedFlaws;
-use super::queue_worker::{QueueError, QueueWorker};
+use super::queue_worker::{QueueError, QueueOptions, QueueWorker};
 use crate::vhost_user_server::{self as server, RingSetup, ServeError, VhostUserDevice};
 
-pub use super::queue_worker::{CompletionDelay, CompletionDelayError};
+pub use super::queue_worker::{CompletionDelay, CompletionDelayError, IoEngine, IoEngineError};
 pub use crate::vhost_user_server::HANDSHAKE_TIMEOUT;
 pub use vhost_frontend::wire::{MAX_QUEUES, MAX_QUEUE_SIZE};
 
@@ -58,6 +58,11 @@ pub struct BlkBackendConfig {
     /// Largest ring accepted in SET_VRING_NUM (a power of two); also sets seg_max (size - 2).
     /// QEMU's vhost-user-blk defaults to 128 and allows up to 1024.
     pub queue_size: u16,
+    /// Open the image with O_DIRECT: requests bypass the host page cache (`--direct`,
+    /// `--blk ...,direct=on`).
+    pub direct: bool,
+    /// Who runs each queue's disk I/O (`--io-engine`, `--blk ...,engine=`).
+    pub engine: IoEngine,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +89,7 @@ pub struct BlkBackend {
     queue_size: u16,
     handshake_timeout: Duration,
     completion_delay: Option<CompletionDelay>,
+    engine: IoEngine,
     /// Offer INFLIGHT_SHMFD (the default; `--no-inflight` measures what tracking costs).
     inflight: bool,
     /// Empty unless built with the `planted-flaws` feature and asked for.
@@ -106,15 +112,19 @@ impl BlkBackend {
                 cfg.queue_size
             )));
         }
-        let disk = Disk::open(&cfg.path, cfg.readonly).map_err(|source| BlkError::OpenDisk {
-            path: cfg.path.clone(),
-            source,
+        let disk = Disk::open(&cfg.path, cfg.readonly, cfg.direct).map_err(|source| {
+            BlkError::OpenDisk {
+                path: cfg.path.clone(),
+                source,
+            }
         })?;
         let config = BlkConfig::new(disk.capacity_sectors(), cfg.queue_size, cfg.num_queues);
         info!(
             path = %cfg.path.display(),
             sectors = disk.capacity_sectors(),
             readonly = cfg.readonly,
+            direct = cfg.direct,
+            engine = %cfg.engine,
             "virtio-blk backend opened its image"
         );
         Ok(BlkBackend {
@@ -124,6 +134,7 @@ impl BlkBackend {
             queue_size: cfg.queue_size,
             handshake_timeout: HANDSHAKE_TIMEOUT,
             completion_delay: None,
+            engine: cfg.engine,
             inflight: true,
             flaws: PlantedFlaws::NONE,
         })
@@ -220,7 +231,9 @@ impl VhostUserDevice for BlkBackend {
     type RingError = QueueError;
 
     fn virtio_features(&self) -> u64 {
-        offered_virtio_features(self.disk.is_readonly()) | bit_mask(VIRTIO_RING_F_INDIRECT_DESC)
+        offered_virtio_features(self.disk.is_readonly())
+            | bit_mask(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit_mask(VIRTIO_RING_F_EVENT_IDX)
     }
 
     fn protocol_features(&self) -> u64 {
@@ -254,11 +267,14 @@ impl VhostUserDevice for BlkBackend {
     }
 
     fn start_ring(&self, ring: RingSetup) -> Result<QueueWorker, QueueError> {
-        QueueWorker::start_with_flaws(
+        QueueWorker::start(
             ring,
             Arc::clone(&self.disk),
-            self.completion_delay,
-            self.flaws,
+            QueueOptions {
+                engine: self.engine,
+                completion_delay: self.completion_delay,
+                flaws: self.flaws,
+            },
         )
     }
 }

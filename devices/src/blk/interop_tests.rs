@@ -30,6 +30,8 @@ fn rust_vmm_frontend_drives_a_write_and_a_read() {
         readonly: false,
         num_queues: 1,
         queue_size: 256,
+        direct: false,
+        engine: crate::blk::backend::IoEngine::default(),
     })
     .unwrap();
     let mut frontend = Frontend::from_stream(stream, 1);
@@ -172,6 +174,8 @@ fn our_frontend_drives_a_write_and_a_read() {
         readonly: false,
         num_queues: 2,
         queue_size: 128,
+        direct: false,
+        engine: crate::blk::backend::IoEngine::default(),
     })
     .unwrap();
     let mut frontend = OurFrontend::from_stream(stream, "blk-test");

@@ -7,6 +7,9 @@
 //! - `config`: the config space the guest reads (GET_CONFIG) and the offered feature bits.
 //! - `request`: one request, parsed from a descriptor chain and executed.
 //! - `queue_worker`: the data path of one virtqueue (kick → requests → used ring → call).
+//! - `queue_stats`: its counters (requests per kick, per publish, per interrupt; where the time
+//!   goes), logged when a queue stops.
+//! - `uring`: an io_uring engine that runs a batch of disk I/Os from one thread.
 //! - `inflight`: tracking requests in a queue's inflight region, and crash recovery from it.
 //! - `planted_flaw`: known recovery bugs, switchable only in test builds, that prove the
 //!   checkers catch them.
@@ -16,8 +19,10 @@ pub mod config;
 pub mod disk;
 pub mod inflight;
 pub mod planted_flaw;
+pub mod queue_stats;
 pub mod queue_worker;
 pub mod request;
+pub mod uring;
 
 pub use backend::{BlkBackend, BlkBackendConfig, BlkError};
 

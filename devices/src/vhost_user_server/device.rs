@@ -112,4 +112,7 @@ pub struct RingSetup {
     pub inflight: Option<QueueRegion>,
     /// Guest memory, as mapped from SET_MEM_TABLE.
     pub memory: Arc<GuestMemoryMmap>,
+    /// VIRTIO_RING_F_EVENT_IDX was acked (SET_FEATURES): kicks and interrupts are suppressed
+    /// through avail_event and used_event instead of the rings' flags.
+    pub event_idx: bool,
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use vhost_frontend::features::{
     bit_mask, describe_device_features, describe_protocol_features, has, PROTOCOL_INFLIGHT_SHMFD,
-    VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_RING_F_EVENT_IDX,
 };
 use vhost_frontend::trace::{describe_device_message, Direction};
 use vhost_frontend::wire::{
@@ -595,6 +595,7 @@ impl<'a, D: VhostUserDevice> Session<'a, D> {
             memory: self.memory.as_ref(),
             starts_disabled: has(self.acked_features, VHOST_USER_F_PROTOCOL_FEATURES),
             inflight: self.inflight.as_ref(),
+            event_idx: has(self.acked_features, VIRTIO_RING_F_EVENT_IDX),
         };
         self.vrings[i].resume(self.device, &ctx);
     }

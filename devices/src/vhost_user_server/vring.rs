@@ -67,6 +67,8 @@ pub struct RunContext<'a> {
     pub starts_disabled: bool,
     /// The SET_INFLIGHT_FD region, if the frontend gave one: every ring is then tracked in it.
     pub inflight: Option<&'a Arc<InflightMap>>,
+    /// VIRTIO_RING_F_EVENT_IDX is among the acked virtio features.
+    pub event_idx: bool,
 }
 
 /// One ring of a session; `W` is the device's running ring ([`VhostUserDevice::Ring`]).
@@ -189,6 +191,7 @@ impl<W: RingWorker> Vring<W> {
             err: Arc::clone(&self.err),
             inflight,
             memory: Arc::clone(memory.guest()),
+            event_idx: ctx.event_idx,
         };
         match device.start_ring(setup) {
             Ok(worker) => {

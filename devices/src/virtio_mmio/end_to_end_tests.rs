@@ -88,6 +88,8 @@ impl Driver {
         self.write(reg::DEVICE_FEATURES_SEL, 0);
         let low = self.read(reg::DEVICE_FEATURES);
         assert_eq!(high & 1, 1, "VERSION_1 offered");
+        // Both backends offer EVENT_IDX, and the frontend passes it on: this driver uses it.
+        assert_ne!(low & (1 << 29), 0, "EVENT_IDX offered");
         self.write(reg::DRIVER_FEATURES_SEL, 0);
         self.write(reg::DRIVER_FEATURES, low);
         self.write(reg::DRIVER_FEATURES_SEL, 1);
@@ -157,6 +159,15 @@ impl Driver {
         let slot = u64::from(self.avail_idx % QUEUE_SIZE);
         self.memory
             .write_obj(0u16.to_le(), GuestAddress(AVAIL + 4 + 2 * slot))
+            .unwrap();
+        // EVENT_IDX (acked in `probe`): used_event, after the avail ring's entries, asks for an
+        // interrupt once the entry at this request's position is used, as Linux's
+        // virtqueue_enable_cb does before it waits.
+        self.memory
+            .write_obj(
+                self.avail_idx.to_le(),
+                GuestAddress(AVAIL + 4 + 2 * u64::from(QUEUE_SIZE)),
+            )
             .unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
         // Publish the entry before the index (the backend reads with acquire).
@@ -274,6 +285,8 @@ fn block_io_through_our_backend() {
         readonly: false,
         num_queues: 1,
         queue_size: 128,
+        direct: false,
+        engine: crate::blk::backend::IoEngine::default(),
     };
     let (stream, backend_thread) = BlkBackend::spawn_in_process(cfg).unwrap();
     let mut driver = driver_for(Frontend::from_stream(stream, "blk-test"));

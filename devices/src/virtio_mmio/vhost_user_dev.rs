@@ -38,7 +38,7 @@ use tracing::{debug, info};
 use vhost_frontend::connection::{FrontendError, VhostUserFrontend};
 use vhost_frontend::features::{
     self, PROTOCOL_CONFIG, PROTOCOL_INFLIGHT_SHMFD, PROTOCOL_MQ, PROTOCOL_REPLY_ACK,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use vhost_frontend::wire::VringAddr;
 use vmm_sys_util::eventfd::EventFd;
@@ -326,12 +326,19 @@ impl VhostUserDevice {
         self.shared.lock().record.inflight.is_some()
     }
 
-    /// Features offered to the guest: VERSION_1 and the device-specific bits we know, where the
-    /// backend offers them. Never VHOST_USER_F_PROTOCOL_FEATURES (a vhost-user bit, not a
-    /// virtio one), never ring layout bits (EVENT_IDX, PACKED: kept simple on purpose).
+    /// Features offered to the guest: VERSION_1, the split ring's INDIRECT_DESC and EVENT_IDX,
+    /// and the device-specific bits we know, where the backend offers them. Never
+    /// VHOST_USER_F_PROTOCOL_FEATURES (a vhost-user bit, not a virtio one), never PACKED (our
+    /// inflight tracking and ring replay are for split rings). The ring bits change nothing
+    /// here: the VMM never reads the rings, and the ring lengths it translates for the backend
+    /// already include used_event and avail_event.
     fn offered_features(&self) -> u64 {
+        let ring_features = features::bit_mask(VIRTIO_RING_F_INDIRECT_DESC)
+            | features::bit_mask(VIRTIO_RING_F_EVENT_IDX);
         self.shared.identity.backend_features
-            & (features::bit_mask(VIRTIO_F_VERSION_1) | self.shared.kind.device_features)
+            & (features::bit_mask(VIRTIO_F_VERSION_1)
+                | ring_features
+                | self.shared.kind.device_features)
     }
 
     /// Ring addresses for SET_VRING_ADDR: the driver's guest physical addresses translated to

@@ -84,6 +84,8 @@ fn main() -> ExitCode {
         readonly: false,
         num_queues: 1,
         queue_size: 1024,
+        direct: false,
+        engine: Default::default(),
     };
     let served = BlkBackend::open(cfg).and_then(|b| {
         b.with_completion_delay(args.delay)
