@@ -1,8 +1,9 @@
 //! The guest's command line (see the test-guest contract).
 //!
 //! Whitespace-separated tokens, any order. The first token naming a test
-//! selects it; `irq`, `blocks=`, `start=`, `seed=`, `reqs=`, `qd=`, `rw=` and
-//! `disk=` are options; `virtio_mmio.device=SIZE@ADDR:IRQ` describes a device
+//! selects it; `irq`, `no-event-idx`, `no-indirect`, `blocks=`, `start=`,
+//! `seed=`, `reqs=`, `qd=`, `rw=`, `idle=` and `disk=` are options (and a few
+//! more, see `Options`); `virtio_mmio.device=SIZE@ADDR:IRQ` describes a device
 //! (Linux syntax). Any other `key=value` token is ignored, the way a kernel
 //! ignores parameters meant for someone else; any other bare word is taken as
 //! the name of an unknown test.
@@ -63,6 +64,10 @@ pub struct MmioDevice {
 pub struct Options {
     /// Wait for completions by interrupt instead of polling the used ring.
     pub irq: bool,
+    /// Do not negotiate VIRTIO_F_EVENT_IDX even if the device offers it (`no-event-idx`).
+    pub no_event_idx: bool,
+    /// Do not negotiate VIRTIO_F_INDIRECT_DESC even if the device offers it (`no-indirect`).
+    pub no_indirect: bool,
     /// blk-write-verify: after verifying, reset the device (status 0), bring it up again and
     /// verify once more (the VMM must stop and restart the backend's rings in between).
     pub reset: bool,
@@ -83,6 +88,9 @@ pub struct Options {
     pub reqs: u64,
     pub qd: u16,
     pub rw: ReadWrite,
+    /// blk-bench: after the timed loop, keep the device set up but idle for this many ms
+    /// (`idle=MS`; 0: none), so the host can watch what the backend does with nothing to do.
+    pub idle_ms: u64,
     /// Index among the virtio-blk devices found; None: the first.
     pub disk: Option<usize>,
 }
@@ -91,6 +99,8 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             irq: false,
+            no_event_idx: false,
+            no_indirect: false,
             reset: false,
             blocks: 64,
             start: 0,
@@ -101,6 +111,7 @@ impl Default for Options {
             reqs: 10_000,
             qd: 1,
             rw: ReadWrite::RandRead,
+            idle_ms: 0,
             disk: None,
         }
     }
@@ -216,6 +227,14 @@ pub fn parse(cmdline: &str) -> Result<Config, CmdlineError<'_>> {
             options.irq = true;
             continue;
         }
+        if token == "no-event-idx" {
+            options.no_event_idx = true;
+            continue;
+        }
+        if token == "no-indirect" {
+            options.no_indirect = true;
+            continue;
+        }
         if token == "reset" {
             options.reset = true;
             continue;
@@ -238,6 +257,7 @@ pub fn parse(cmdline: &str) -> Result<Config, CmdlineError<'_>> {
             "passes" => options.passes = number_in(token, value, 1, 1_000_000)?,
             "progress" => options.progress = number_in(token, value, 1, u64::MAX)?,
             "reqs" => options.reqs = number_in(token, value, 1, u64::MAX)?,
+            "idle" => options.idle_ms = number_in(token, value, 0, u64::MAX)?,
             "qd" => options.qd = number_in(token, value, 1, u64::from(u16::MAX))? as u16,
             "disk" => {
                 options.disk = Some(number_in(token, value, 0, MAX_DEVICES as u64 - 1)? as usize)
@@ -320,6 +340,49 @@ mod tests {
         );
         assert_eq!(config.options.reqs, 16);
         assert_eq!(config.options.rw, ReadWrite::RandWrite);
+    }
+
+    #[test]
+    fn ring_feature_switches() {
+        let config = parse("blk-bench").unwrap();
+        assert!(!config.options.no_event_idx);
+        assert!(!config.options.no_indirect);
+        let config = parse("blk-bench no-event-idx qd=32").unwrap();
+        assert!(config.options.no_event_idx);
+        assert!(!config.options.no_indirect);
+        assert_eq!(config.options.qd, 32);
+        let config = parse("no-indirect blk-write-verify irq").unwrap();
+        assert_eq!(config.test, Test::BlkWriteVerify);
+        assert!(!config.options.no_event_idx);
+        assert!(config.options.no_indirect);
+        assert!(config.options.irq);
+        let both = parse("blk-bench no-indirect no-event-idx").unwrap().options;
+        assert!(both.no_event_idx && both.no_indirect);
+        // Not tests and not key=value: a typo is an unknown test, not silently ignored.
+        assert_eq!(
+            parse("blk-bench no-event_idx"),
+            Err(CmdlineError::UnknownTest("no-event_idx"))
+        );
+    }
+
+    #[test]
+    fn idle_milliseconds() {
+        assert_eq!(parse("blk-bench").unwrap().options.idle_ms, 0);
+        assert_eq!(parse("blk-bench idle=1500").unwrap().options.idle_ms, 1500);
+        assert_eq!(parse("blk-bench idle=0").unwrap().options.idle_ms, 0);
+        assert_eq!(parse("idle=0x10 blk-bench").unwrap().options.idle_ms, 16);
+        assert!(matches!(
+            parse("blk-bench idle=-1"),
+            Err(CmdlineError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse("blk-bench idle=1s"),
+            Err(CmdlineError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse("blk-bench idle="),
+            Err(CmdlineError::BadValue { .. })
+        ));
     }
 
     #[test]

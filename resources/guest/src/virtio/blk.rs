@@ -5,11 +5,19 @@
 //! Request slot `s` owns descriptors 3s (header, 16 bytes: type, reserved,
 //! sector), 3s+1 (one 4 KiB data page) and 3s+2 (the status byte the device
 //! writes). A flush uses the header and status descriptors only.
+//!
+//! With VIRTIO_F_INDIRECT_DESC slot `s` owns descriptor `s` alone, flagged
+//! INDIRECT and pointing at the slot's own table of the same three entries
+//! (two for a flush) in the `indirect` DMA page.
+//!
+//! With VIRTIO_F_EVENT_IDX kicks and interrupts are suppressed by ring index
+//! (see queue.rs); `no-event-idx` and `no-indirect` on the command line keep
+//! either feature off even when the device offers it.
 
 pub use super::dma::MAX_SLOTS;
-use super::dma::{self, DmaMemory, MAX_QUEUE_SIZE, PAGE, STATUS_OFFSET};
+use super::dma::{self, DmaMemory, INDIRECT_TABLE_BYTES, MAX_QUEUE_SIZE, PAGE, STATUS_OFFSET};
 use super::mmio::{self, status, Transport};
-use super::queue::{SplitQueue, DESC_F_NEXT, DESC_F_WRITE};
+use super::queue::{write_descriptor, SplitQueue, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 use crate::apic;
 use crate::idt;
 use crate::time::Instant;
@@ -26,14 +34,32 @@ pub mod feature {
     pub const RO: u64 = 1 << 5;
     pub const BLK_SIZE: u64 = 1 << 6;
     pub const FLUSH: u64 = 1 << 9;
+    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
     pub const VERSION_1: u64 = 1 << 32;
 }
 /// What this driver implements; it accepts nothing else. (SEG_MAX and
 /// BLK_SIZE only describe the device; every request here is one 4 KiB
 /// segment. SIZE_MAX is left out: qemu-storage-daemon offers it with a
 /// size_max of 0.)
-const DRIVER_FEATURES: u64 =
-    feature::VERSION_1 | feature::SEG_MAX | feature::RO | feature::BLK_SIZE | feature::FLUSH;
+const DRIVER_FEATURES: u64 = feature::VERSION_1
+    | feature::SEG_MAX
+    | feature::RO
+    | feature::BLK_SIZE
+    | feature::FLUSH
+    | feature::RING_INDIRECT_DESC
+    | feature::RING_EVENT_IDX;
+
+/// How the driver sets the device up.
+#[derive(Clone, Copy, Debug)]
+pub struct Setup {
+    /// Completion by interrupt (else the driver polls the used ring).
+    pub irq: bool,
+    /// Negotiate VIRTIO_F_EVENT_IDX if the device offers it.
+    pub event_idx: bool,
+    /// Negotiate VIRTIO_F_INDIRECT_DESC if the device offers it.
+    pub indirect: bool,
+}
 
 const CONFIG_CAPACITY: u64 = 0x00;
 const CONFIG_BLK_SIZE: u64 = 0x14;
@@ -258,6 +284,8 @@ pub struct BlkDevice {
     irq_seen: u64,
     interrupts: u64,
     notified: bool,
+    /// Notifications actually written to QueueNotify.
+    kicks: u64,
 }
 
 /// The virtio-blk devices among the command line's virtio-mmio windows, with
@@ -273,8 +301,11 @@ pub fn find_block_devices(devices: &[MmioDevice], mut found: impl FnMut(usize, &
 
 impl BlkDevice {
     /// Bring up device `index` (its position in the command line) and its
-    /// queue 0. `irq`: complete by interrupt (vector 0x30+index).
-    pub fn open(device: &MmioDevice, index: usize, irq: bool) -> Result<Self, BlkError> {
+    /// queue 0. `setup.irq`: complete by interrupt (vector 0x30+index);
+    /// `setup.event_idx` / `setup.indirect`: take those ring features where
+    /// offered.
+    pub fn open(device: &MmioDevice, index: usize, setup: Setup) -> Result<Self, BlkError> {
+        let irq = setup.irq;
         let transport = Transport::new(device.base);
         let id = transport.identity();
         if id.magic != mmio::MAGIC {
@@ -300,7 +331,15 @@ impl BlkDevice {
             transport.add_status(status::FAILED);
             return Err(BlkError::NoVersion1 { offered });
         }
-        let features = offered & DRIVER_FEATURES;
+        let mut wanted = DRIVER_FEATURES;
+        if !setup.event_idx {
+            wanted &= !feature::RING_EVENT_IDX;
+        }
+        if !setup.indirect {
+            wanted &= !feature::RING_INDIRECT_DESC;
+        }
+        let features = offered & wanted;
+        let indirect = features & feature::RING_INDIRECT_DESC != 0;
         transport.set_driver_features(features);
         transport.add_status(status::FEATURES_OK);
         if transport.status() & status::FEATURES_OK == 0 {
@@ -329,7 +368,8 @@ impl BlkDevice {
         if max == 0 {
             return fail(BlkError::NoQueue);
         }
-        if max < 3 {
+        // A request takes three descriptors, or one with indirect tables.
+        if max < 3 && !indirect {
             return fail(BlkError::QueueTooSmall { size: max });
         }
         // Split rings want a power of two; use the largest that fits.
@@ -338,7 +378,7 @@ impl BlkDevice {
         let Some(memory) = dma::take() else {
             return fail(BlkError::DmaInUse);
         };
-        let mut queue = SplitQueue::new(memory, size);
+        let mut queue = SplitQueue::new(memory, size, features & feature::RING_EVENT_IDX != 0);
         queue.set_interrupts_wanted(irq);
         let (desc, driver, device_ring) = queue.addresses();
         transport.activate_queue(size, desc, driver, device_ring);
@@ -359,7 +399,12 @@ impl BlkDevice {
 
         Ok(BlkDevice {
             transport,
-            slots: (usize::from(size) / 3).min(MAX_SLOTS),
+            slots: if indirect {
+                usize::from(size)
+            } else {
+                usize::from(size) / 3
+            }
+            .min(MAX_SLOTS),
             queue,
             memory,
             features,
@@ -369,6 +414,7 @@ impl BlkDevice {
             irq,
             interrupts: 0,
             notified: false,
+            kicks: 0,
         })
     }
 
@@ -416,6 +462,21 @@ impl BlkDevice {
         self.interrupts
     }
 
+    /// Notifications sent to the device so far (QueueNotify writes).
+    pub fn kicks(&self) -> u64 {
+        self.kicks
+    }
+
+    /// VIRTIO_F_EVENT_IDX was negotiated.
+    pub fn event_idx(&self) -> bool {
+        self.features & feature::RING_EVENT_IDX != 0
+    }
+
+    /// VIRTIO_F_INDIRECT_DESC was negotiated.
+    pub fn indirect(&self) -> bool {
+        self.features & feature::RING_INDIRECT_DESC != 0
+    }
+
     /// The data page of `slot`, to fill before a write or read after a read.
     pub fn data(&mut self, slot: usize) -> &mut [u8; PAGE] {
         assert!(slot < self.slots && self.pending[slot].is_none());
@@ -448,7 +509,6 @@ impl BlkDevice {
             Op::Write => (REQUEST_OUT, block * SECTORS_PER_BLOCK),
             Op::Flush => (REQUEST_FLUSH, 0),
         };
-        let head = (slot * 3) as u16;
         // SAFETY: header `slot` (16 bytes at slot*16) lies within the page
         // (MAX_SLOTS*16 <= STATUS_OFFSET); the slot is ours, not the device's.
         let header = unsafe {
@@ -463,30 +523,72 @@ impl BlkDevice {
         unsafe { write_volatile(status, STATUS_UNWRITTEN) };
         // SAFETY: field address only.
         let data = unsafe { addr_of_mut!((*self.memory).data[slot]) as u64 };
-        if op == Op::Flush {
-            self.queue
-                .set_descriptor(head, header, 16, DESC_F_NEXT, head + 2);
+        let data_flags = if op == Op::Read {
+            DESC_F_WRITE | DESC_F_NEXT
         } else {
-            self.queue
-                .set_descriptor(head, header, 16, DESC_F_NEXT, head + 1);
-            let data_flags = if op == Op::Read {
-                DESC_F_WRITE | DESC_F_NEXT
-            } else {
-                DESC_F_NEXT
+            DESC_F_NEXT
+        };
+        let head = if self.indirect() {
+            // Table entries 0 (header), 1 (data; not for a flush) and 2 (status), chained
+            // with indices inside the table.
+            // SAFETY: table `slot` (INDIRECT_TABLE_BYTES at slot*INDIRECT_TABLE_BYTES) lies
+            // within the page (MAX_SLOTS*INDIRECT_TABLE_BYTES <= PAGE, dma.rs); the slot is
+            // free, so the device is not reading it.
+            let table = unsafe {
+                (addr_of_mut!((*self.memory).indirect) as *mut u8).add(slot * INDIRECT_TABLE_BYTES)
             };
+            let entries: u16 = if op == Op::Flush {
+                // SAFETY: as above, for entries 0 and 1 of the table.
+                unsafe {
+                    write_descriptor(table, 0, header, 16, DESC_F_NEXT, 1);
+                    write_descriptor(table, 1, status as u64, 1, DESC_F_WRITE, 0);
+                }
+                2
+            } else {
+                // SAFETY: as above, for entries 0 to 2 of the table.
+                unsafe {
+                    write_descriptor(table, 0, header, 16, DESC_F_NEXT, 1);
+                    write_descriptor(table, 1, data, PAGE as u32, data_flags, 2);
+                    write_descriptor(table, 2, status as u64, 1, DESC_F_WRITE, 0);
+                }
+                3
+            };
+            let head = slot as u16;
+            self.queue.set_descriptor(
+                head,
+                table as u64,
+                u32::from(entries) * 16,
+                DESC_F_INDIRECT,
+                0,
+            );
+            head
+        } else {
+            let head = (slot * 3) as u16;
+            if op == Op::Flush {
+                self.queue
+                    .set_descriptor(head, header, 16, DESC_F_NEXT, head + 2);
+            } else {
+                self.queue
+                    .set_descriptor(head, header, 16, DESC_F_NEXT, head + 1);
+                self.queue
+                    .set_descriptor(head + 1, data, PAGE as u32, data_flags, head + 2);
+            }
             self.queue
-                .set_descriptor(head + 1, data, PAGE as u32, data_flags, head + 2);
-        }
-        self.queue
-            .set_descriptor(head + 2, status as u64, 1, DESC_F_WRITE, 0);
+                .set_descriptor(head + 2, status as u64, 1, DESC_F_WRITE, 0);
+            head
+        };
         self.pending[slot] = Some(Pending { op, block });
         self.queue.publish(head);
         Ok(())
     }
 
-    /// Tell the device that new requests wait in queue 0.
-    pub fn kick(&self) {
-        self.transport.notify(0);
+    /// Tell the device that new requests wait in queue 0, unless it said
+    /// (EVENT_IDX's avail_event) that it does not need to hear about them.
+    pub fn kick(&mut self) {
+        if self.queue.kick_prepare() {
+            self.transport.notify(0);
+            self.kicks += 1;
+        }
     }
 
     /// Some pending request, for error messages.
@@ -502,6 +604,41 @@ impl BlkDevice {
             })
     }
 
+    /// The next used element, if one is there to take now. In interrupt mode
+    /// the used ring is only read once an interrupt said so; once it is
+    /// drained (and stays so after used_event is set, with EVENT_IDX), the
+    /// next interrupt is awaited.
+    fn poll_used(&mut self) -> Option<u32> {
+        let Some(index) = self.irq else {
+            return self.queue.pop_used();
+        };
+        let count = idt::irq_count(index);
+        if count != self.irq_seen {
+            self.interrupts += count.wrapping_sub(self.irq_seen);
+            self.irq_seen = count;
+            self.transport.acknowledge_interrupt();
+            self.notified = true;
+        }
+        if !self.notified {
+            return None;
+        }
+        let id = self.queue.pop_used();
+        if id.is_none() && self.queue.empty_before_wait() {
+            self.notified = false;
+        }
+        id
+    }
+
+    /// A completion already in the used ring, without waiting: its slot, which
+    /// is free again (None: nothing there now). A request the device failed
+    /// is an error.
+    pub fn try_complete(&mut self) -> Result<Option<usize>, BlkError> {
+        match self.poll_used() {
+            Some(id) => self.finish_used(id).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Wait for the next completed request; returns its slot, which is free
     /// again. A request the device failed is an error.
     pub fn complete(&mut self) -> Result<usize, BlkError> {
@@ -509,23 +646,7 @@ impl BlkDevice {
         let mut spins: u32 = 0;
         let mut next_status_check_ms = STATUS_CHECK_INTERVAL_MS;
         let used_id = loop {
-            if let Some(index) = self.irq {
-                let count = idt::irq_count(index);
-                if count != self.irq_seen {
-                    self.interrupts += count.wrapping_sub(self.irq_seen);
-                    self.irq_seen = count;
-                    self.transport.acknowledge_interrupt();
-                    self.notified = true;
-                }
-                // Only look at the used ring when an interrupt said so; once
-                // it is drained, wait for the next interrupt.
-                if self.notified {
-                    match self.queue.pop_used() {
-                        Some(id) => break id,
-                        None => self.notified = false,
-                    }
-                }
-            } else if let Some(id) = self.queue.pop_used() {
+            if let Some(id) = self.poll_used() {
                 break id;
             }
             spins = spins.wrapping_add(1);
@@ -555,8 +676,18 @@ impl BlkDevice {
             }
             core::hint::spin_loop();
         };
-        let slot = used_id as usize / 3;
-        if used_id % 3 != 0 || slot >= self.slots {
+        self.finish_used(used_id)
+    }
+
+    /// The request whose chain head the device returned: free its slot and
+    /// check its status byte.
+    fn finish_used(&mut self, used_id: u32) -> Result<usize, BlkError> {
+        let (slot, head_of_slot) = if self.indirect() {
+            (used_id as usize, true)
+        } else {
+            (used_id as usize / 3, used_id.is_multiple_of(3))
+        };
+        if !head_of_slot || slot >= self.slots {
             return Err(BlkError::UnknownUsedId { id: used_id });
         }
         let Some(Pending { op, block }) = self.pending[slot].take() else {
