@@ -418,9 +418,17 @@ fn ring_indices_wrap_past_65535_with_event_idx_and_indirect_descriptors() {
     let mut qsd = spawn_qemu_storage_daemon(&d, &qsd_sock, &qsd_img);
     let setups = [
         (format!("path={}", img.display()), &img, Completion::Poll),
-        (format!("path={},engine=threads", img.display()), &img, Completion::Irq),
+        (
+            format!("path={},engine=threads", img.display()),
+            &img,
+            Completion::Irq,
+        ),
         (format!("socket={}", sock.display()), &img, Completion::Poll),
-        (format!("socket={}", qsd_sock.display()), &qsd_img, Completion::Irq),
+        (
+            format!("socket={}", qsd_sock.display()),
+            &qsd_img,
+            Completion::Irq,
+        ),
     ];
     for (seed, (blk, image, mode)) in (40..).zip(setups) {
         require_kvm();
