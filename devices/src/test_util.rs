@@ -48,6 +48,9 @@ pub struct TestRing {
     pub rings: RingAddresses,
     next_free_desc: u16,
     avail_idx: u16,
+    /// While set, `publish` writes avail entries but not the index; `publish_held` then makes
+    /// them all visible at once (a driver publishing a batch).
+    pub hold_avail_idx: bool,
 }
 
 /// One descriptor to put in a chain: (guest address, length, device-writable).
@@ -69,6 +72,7 @@ impl TestRing {
             },
             next_free_desc: 0,
             avail_idx: 0,
+            hold_avail_idx: false,
         }
     }
 
@@ -114,6 +118,14 @@ impl TestRing {
         mem.write_obj(head.to_le(), GuestAddress(slot))
             .expect("avail entry");
         self.avail_idx = self.avail_idx.wrapping_add(1);
+        if !self.hold_avail_idx {
+            self.publish_held(mem);
+        }
+    }
+
+    /// Stores the avail index: every entry written so far becomes visible to the device.
+    pub fn publish_held(&mut self, mem: &GuestMemoryMmap) {
+        self.hold_avail_idx = false;
         mem.store(
             self.avail_idx.to_le(),
             GuestAddress(self.rings.avail_ring.0 + 2),

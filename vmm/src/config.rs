@@ -25,8 +25,8 @@ pub enum ConfigError {
 /// A virtio-blk device: served by our in-process fallback backend or by an external one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlkConfig {
-    /// `--blk path=FILE[,readonly][,queues=N][,direct=on|off][,engine=inline|threads]`: our
-    /// backend on a thread, over a socketpair.
+    /// `--blk path=FILE[,readonly][,queues=N][,direct=on|off][,engine=inline|threads|uring]`:
+    /// our backend on a thread, over a socketpair.
     InProcess {
         path: PathBuf,
         readonly: bool,
@@ -138,13 +138,16 @@ pub fn parse_blk(s: &str) -> Result<BlkConfig, ConfigError> {
             Some(("direct", _)) => return Err(bad("direct= takes on or off")),
             Some(("engine", v)) => match v.parse::<IoEngine>() {
                 Ok(e) => engine = Some(e),
-                Err(_) => return Err(bad("engine= takes inline or threads")),
+                Err(_) => return Err(bad("engine= takes inline, threads or uring")),
             },
             None if part == "readonly" => readonly = true,
-            _ => return Err(bad(
-                "expected path=FILE[,readonly][,queues=N][,direct=on|off][,engine=inline|threads] \
+            _ => {
+                return Err(bad(
+                    "expected path=FILE[,readonly][,queues=N][,direct=on|off]\
+                     [,engine=inline|threads|uring] \
                      or socket=PATH[,queues=N][,reconnect=off|MS]",
-            )),
+                ))
+            }
         }
     }
     match (path, socket) {
@@ -253,6 +256,20 @@ mod tests {
             parse_blk("path=/d.img,direct=off,engine=inline"),
             Ok(in_process("/d.img", false, 1))
         );
+        assert_eq!(
+            parse_blk("path=/d.img,engine=uring,direct=on,queues=2"),
+            Ok(BlkConfig::InProcess {
+                path: "/d.img".into(),
+                readonly: false,
+                queues: 2,
+                direct: true,
+                engine: IoEngine::Uring,
+            })
+        );
+        assert!(matches!(
+            parse_blk("path=/d.img,engine=io_uring"),
+            Err(ConfigError::BadBlk(_, why)) if why.contains("uring")
+        ));
         assert_eq!(parse_blk("socket=/s"), Ok(socket("/s", 1)));
         assert_eq!(parse_blk("socket=/s,queues=4"), Ok(socket("/s", 4)));
         assert_eq!(
@@ -286,7 +303,9 @@ mod tests {
             "socket=/s,readonly",
             "path=/d,direct=yes",
             "path=/d,direct=",
-            "path=/d,engine=uring",
+            "path=/d,engine=io_uring",
+            "path=/d,engine=",
+            "socket=/s,engine=uring",
             "socket=/s,direct=on",
             "socket=/s,engine=threads",
         ] {

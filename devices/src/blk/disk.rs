@@ -73,6 +73,18 @@ impl Disk {
         })
     }
 
+    /// A writable disk of `capacity_sectors` over any file, whatever its size: tests use a
+    /// pipe, whose reads stay in flight until the test feeds them.
+    #[cfg(test)]
+    pub(crate) fn with_capacity(file: File, capacity_sectors: u64) -> Self {
+        Disk {
+            file,
+            readonly: false,
+            capacity_sectors,
+            id: [0; DISK_ID_LEN],
+        }
+    }
+
     /// Capacity in 512-byte sectors (the virtio-blk config space `capacity` field).
     pub fn capacity_sectors(&self) -> u64 {
         self.capacity_sectors
@@ -80,6 +92,11 @@ impl Disk {
 
     pub fn is_readonly(&self) -> bool {
         self.readonly
+    }
+
+    /// The image file, for an I/O engine that hands it to the kernel itself (`uring_path`).
+    pub(crate) fn file(&self) -> &File {
+        &self.file
     }
 
     /// The 20-byte identifier GET_ID returns (the image's file name, cut to 20 bytes, NUL padded).

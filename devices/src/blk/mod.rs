@@ -10,6 +10,8 @@
 //! - `queue_stats`: its counters (requests per kick, per publish, per interrupt; where the time
 //!   goes), logged when a queue stops.
 //! - `uring`: an io_uring engine that runs a batch of disk I/Os from one thread.
+//! - `uring_path`: the `uring` I/O engine's dispatcher loop, which serves a queue through it
+//!   (iovecs straight into guest memory; meant for O_DIRECT images).
 //! - `inflight`: tracking requests in a queue's inflight region, and crash recovery from it.
 //! - `planted_flaw`: known recovery bugs, switchable only in test builds, that prove the
 //!   checkers catch them.
@@ -23,6 +25,7 @@ pub mod queue_stats;
 pub mod queue_worker;
 pub mod request;
 pub mod uring;
+mod uring_path;
 
 pub use backend::{BlkBackend, BlkBackendConfig, BlkError};
 

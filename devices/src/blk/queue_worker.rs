@@ -8,7 +8,9 @@
 //! ```
 //!
 //! A lone request on an idle queue is executed by the dispatcher itself (queue depth 1 then
-//! costs no thread hand-off); batches go to the I/O threads.
+//! costs no thread hand-off); batches go to the I/O threads. That is `IoEngine::Threads`; with
+//! `IoEngine::Inline` the dispatcher runs every request itself, and with `IoEngine::Uring` it
+//! hands them to an io_uring and publishes them as they complete (`uring_path`).
 //!
 //! Requests complete out of order: several I/O threads work on one queue, and each adds its
 //! request to the used ring (under the lock that also guards popping) as soon as it is done,
@@ -43,6 +45,7 @@ use super::inflight::{QueueTracker, RecoveryError, ResubmitParser, Rollback};
 use super::planted_flaw::{PlantedFlaw, PlantedFlaws};
 use super::queue_stats::QueueStats;
 use super::request::{BlkRequest, Completion};
+use super::uring_path;
 use crate::vhost_user_server::notifier::Notifier;
 use crate::vhost_user_server::peer_fd;
 use crate::vhost_user_server::{RingSetup, RingWorker};
@@ -128,11 +131,18 @@ pub enum IoEngine {
     /// request on an idle queue still runs inline). Overlaps requests that block on a device
     /// (O_DIRECT on a slow disk) at the price of two thread wake-ups per request.
     Threads,
+    /// The dispatcher hands reads, writes and flushes to an io_uring (`uring_path`), with
+    /// iovecs straight into guest memory, and publishes them as they complete: many requests in
+    /// flight from one thread, no bounce copy. Meant for images opened with O_DIRECT (where it
+    /// beats the others several times over at 8 or more requests in flight); on a page-cached
+    /// image `inline` is faster. Where io_uring is unavailable the queue falls back to `inline`
+    /// (with a warning).
+    Uring,
 }
 
-/// An `--io-engine` value that is neither `inline` nor `threads`.
+/// An `--io-engine` value that is not `inline`, `threads` or `uring`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("I/O engine {0:?} is not one of: inline, threads")]
+#[error("I/O engine {0:?} is not one of: inline, threads, uring")]
 pub struct IoEngineError(String);
 
 impl FromStr for IoEngine {
@@ -142,6 +152,7 @@ impl FromStr for IoEngine {
         match s {
             "inline" => Ok(IoEngine::Inline),
             "threads" => Ok(IoEngine::Threads),
+            "uring" => Ok(IoEngine::Uring),
             _ => Err(IoEngineError(s.to_string())),
         }
     }
@@ -152,6 +163,7 @@ impl std::fmt::Display for IoEngine {
         f.write_str(match self {
             IoEngine::Inline => "inline",
             IoEngine::Threads => "threads",
+            IoEngine::Uring => "uring",
         })
     }
 }
@@ -191,8 +203,13 @@ struct Ring {
     queue: Queue,
     inflight: Option<QueueTracker>,
     /// The used index when we last decided whether to interrupt (EVENT_IDX's `old`: an
-    /// interrupt is due when used_event lies in `signalled_used..next_used`).
-    signalled_used: u16,
+    /// interrupt is due when used_event lies in `signalled_used..next_used`). `None` until the
+    /// first publish after a start: an earlier backend (killed, or stopped for a reconnect) may
+    /// have published entries without signalling them, and a driver waiting for one of those
+    /// would never be woken by `old..new` tests that start past them (Linux vhost's
+    /// `signalled_used_valid`). The first publish therefore interrupts whenever the driver takes
+    /// interrupts at all.
+    signalled_used: Option<u16>,
     /// An empty batch with capacity, swapped with `QueueShared::finished` by the publisher, so
     /// steady-state publishing allocates nothing.
     spare_batch: Vec<Completion>,
@@ -201,7 +218,7 @@ struct Ring {
 /// Heads a killed backend left inflight, to run again before anything new is popped; only the
 /// dispatcher uses it.
 #[derive(Debug)]
-struct Resubmission {
+pub(super) struct Resubmission {
     heads: VecDeque<u16>,
     parser: ResubmitParser,
     /// Planted flaw [`PlantedFlaw::AckResubmittedWithoutWriting`].
@@ -210,11 +227,11 @@ struct Resubmission {
 
 /// State shared by the dispatcher and the I/O threads of one queue.
 #[derive(Debug)]
-struct QueueShared {
-    index: u16,
+pub(super) struct QueueShared {
+    pub(super) index: u16,
     /// Set before the stop eventfd is written: a guest that keeps the avail ring full must not
     /// keep the dispatcher from noticing the stop.
-    stopping: AtomicBool,
+    pub(super) stopping: AtomicBool,
     /// Requests handed to the I/O threads and not completed yet.
     in_flight: AtomicUsize,
     /// Their bookkeeping bytes (`bookkeeping_bytes`), against `IN_FLIGHT_BOOKKEEPING_BUDGET`.
@@ -237,13 +254,13 @@ struct QueueShared {
     finished: Mutex<Vec<Completion>>,
     /// Test builds only (`planted_flaw`); empty otherwise.
     flaws: PlantedFlaws,
-    mem: Arc<GuestMemoryMmap>,
-    disk: Arc<Disk>,
+    pub(super) mem: Arc<GuestMemoryMmap>,
+    pub(super) disk: Arc<Disk>,
     call: Arc<Notifier>,
-    err: Arc<Notifier>,
+    pub(super) err: Arc<Notifier>,
     completion_delay: Option<CompletionDelay>,
     engine: IoEngine,
-    stats: QueueStats,
+    pub(super) stats: QueueStats,
 }
 
 /// A running queue: its dispatcher thread and I/O threads.
@@ -278,7 +295,7 @@ impl QueueWorker {
         let mem = Arc::clone(&setup.memory);
         let index = setup.index;
         let mut queue = build_queue(&setup, &mem)?;
-        let signalled_used = queue.next_used();
+        let signalled_used = None;
         let (inflight, resubmission) = if flaws.has(PlantedFlaw::IgnoreInflightRegion) {
             (None, None)
         } else {
@@ -318,6 +335,7 @@ impl QueueWorker {
             engine,
             stats: QueueStats::default(),
         });
+        wake_a_driver_left_waiting(&shared);
         let kick = setup.kick;
         let queue_size = usize::from(setup.size);
         let thread_shared = Arc::clone(&shared);
@@ -494,9 +512,9 @@ fn recover_inflight(
     Ok((Some(tracker), resubmission))
 }
 
-/// The dispatcher: waits for kicks, pops chains and runs them (`IoEngine::Inline`) or hands
-/// them to the I/O threads (`IoEngine::Threads`). Returns when stopped, after the I/O threads
-/// have drained.
+/// The dispatcher: waits for kicks, pops chains and runs them (`IoEngine::Inline`), hands
+/// them to the I/O threads (`IoEngine::Threads`) or to an io_uring (`IoEngine::Uring`, see
+/// `uring_path`). Returns when stopped, after the I/O threads or the io_uring have drained.
 fn dispatch(
     shared: Arc<QueueShared>,
     kick: EventFd,
@@ -504,7 +522,15 @@ fn dispatch(
     queue_size: usize,
     mut resubmission: Option<Resubmission>,
 ) {
-    if shared.engine == IoEngine::Inline {
+    if shared.engine == IoEngine::Uring {
+        // None (logged) where io_uring is unavailable: the inline engine serves the queue then.
+        if let Some(ring) = uring_path::start_engine(&shared, queue_size) {
+            uring_path::serve(&shared, &kick, &stop, ring, &mut resubmission);
+            drain_resubmission(&shared, None, &mut resubmission);
+            return;
+        }
+    }
+    if shared.engine != IoEngine::Threads {
         serve_kicks(&shared, &kick, &stop, None, &mut resubmission);
         drain_resubmission(&shared, None, &mut resubmission);
         return;
@@ -547,9 +573,9 @@ enum Wake {
     Stop,
 }
 
-/// Where popping stands after `fetch_and_send`.
+/// Where popping stands after `fetch_and_send` (or `uring_path`'s round).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fetch {
+pub(super) enum Fetch {
     /// The avail ring is empty (or we are stopping).
     Idle,
     /// The in-flight budget is used up: wait for `room`, not for kicks.
@@ -577,21 +603,21 @@ const IDLE_AFTER: Duration = Duration::from_millis(1);
 /// queue went idle: the window drops to nothing, so an idle queue burns no CPU; it grows back,
 /// doubling, with each wake-up that comes sooner.
 #[derive(Debug)]
-struct AdaptiveSpin {
+pub(super) struct AdaptiveSpin {
     window: Duration,
 }
 
 impl AdaptiveSpin {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         AdaptiveSpin { window: SPIN_MAX }
     }
 
-    fn window(&self) -> Duration {
+    pub(super) fn window(&self) -> Duration {
         self.window
     }
 
     /// A sleep on the kick fd ended after `slept`.
-    fn slept(&mut self, slept: Duration) {
+    pub(super) fn slept(&mut self, slept: Duration) {
         self.window = if slept > IDLE_AFTER {
             Duration::ZERO
         } else {
@@ -614,10 +640,7 @@ fn serve_kicks(
     set_notifications(shared, false);
     // The guest may have queued requests before the kick fd was (re)connected: look once first.
     let mut state = fetch_round(shared, sender, resubmission);
-    let avail_idx_addr = {
-        let ring = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        ring.queue.avail_ring().checked_add(2).map(GuestAddress)
-    };
+    let avail_idx_addr = avail_idx_addr(shared);
     loop {
         if shared.stopping.load(Ordering::Acquire) {
             // Popping has stopped; the ring may still hold requests, so the checks below
@@ -697,11 +720,17 @@ fn serve_kicks(
     }
 }
 
+/// Where the driver's avail index lies (what the spin before a sleep watches).
+pub(super) fn avail_idx_addr(shared: &QueueShared) -> Option<GuestAddress> {
+    let ring = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
+    ring.queue.avail_ring().checked_add(2).map(GuestAddress)
+}
+
 /// Turns the driver's notifications (kicks) on or off. Turning them on returns whether the
 /// avail ring already holds requests we have not popped (then the caller pops them instead of
 /// sleeping). The flags and avail_event are hints in guest memory: a failure to write them
 /// costs at most extra kicks, and when they cannot be read we look at the ring again.
-fn set_notifications(shared: &QueueShared, on: bool) -> bool {
+pub(super) fn set_notifications(shared: &QueueShared, on: bool) -> bool {
     let mut ring = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
     if on {
         ring.queue.enable_notification(&*shared.mem).unwrap_or(true)
@@ -780,7 +809,7 @@ fn execute_timed(shared: &QueueShared, request: &BlkRequest) -> Completion {
 }
 
 /// Spins up to `window` until the driver publishes an avail index we have not consumed.
-fn new_request_within(
+pub(super) fn new_request_within(
     shared: &QueueShared,
     avail_idx_addr: GuestAddress,
     window: Duration,
@@ -934,7 +963,7 @@ impl QueueShared {
 
 impl Resubmission {
     /// The next request to run again, parsed from the descriptor table.
-    fn next(&mut self) -> Option<BlkRequest> {
+    pub(super) fn next(&mut self) -> Option<BlkRequest> {
         let head = self.heads.pop_front()?;
         let mut request = self.parser.parse(head);
         if self.ack_writes_without_writing {
@@ -951,7 +980,7 @@ impl Resubmission {
 
 /// Why the avail ring can no longer be served.
 #[derive(Debug, thiserror::Error)]
-enum PopError {
+pub(super) enum PopError {
     #[error("{0}")]
     Queue(#[from] virtio_queue::Error),
     /// The guest published a head that is not a descriptor of the ring (QEMU's "Guest says index
@@ -964,7 +993,7 @@ enum PopError {
 /// Pops one chain (the single place a head leaves the avail ring) and marks it inflight, and
 /// says whether another one is available behind it.
 #[allow(clippy::type_complexity)]
-fn pop_chain(
+pub(super) fn pop_chain(
     shared: &QueueShared,
 ) -> Result<Option<(DescriptorChain<Arc<GuestMemoryMmap>>, bool)>, PopError> {
     let mut guard = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
@@ -1065,8 +1094,8 @@ fn complete(shared: &QueueShared, completion: Completion) {
 }
 
 /// Publishes `batch` (at most MAX_REQUESTS_IN_FLIGHT) under the queue lock and signals the
-/// driver once if it wants an interrupt: the inline engine's way to the used ring.
-fn publish_and_signal(shared: &QueueShared, batch: &[Completion]) {
+/// driver once if it wants an interrupt: the inline and uring engines' way to the used ring.
+pub(super) fn publish_and_signal(shared: &QueueShared, batch: &[Completion]) {
     let mut guard = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
     let notify = publish(shared, &mut guard, batch);
     drop(guard);
@@ -1146,7 +1175,7 @@ fn publish(shared: &QueueShared, ring: &mut Ring, batch: &[Completion]) -> bool 
     }
     QueueStats::add(&shared.stats.publishes, 1);
     QueueStats::add(&shared.stats.requests, written as u64);
-    let old = std::mem::replace(&mut ring.signalled_used, next_used);
+    let old = ring.signalled_used.replace(next_used);
     driver_wants_interrupt(&ring.queue, &shared.mem, old, next_used)
 }
 
@@ -1190,23 +1219,64 @@ pub fn need_event(event: u16, new: u16, old: u16) -> bool {
 }
 
 /// Whether the driver wants an interrupt for the used entries `old..new` just published: with
-/// EVENT_IDX, when its used_event lies among them; without, unless it set
-/// VRING_AVAIL_F_NO_INTERRUPT. Both are hints in guest memory; when unreadable, interrupt.
-fn driver_wants_interrupt(queue: &Queue, mem: &GuestMemoryMmap, old: u16, new: u16) -> bool {
+/// EVENT_IDX, when its used_event lies among them (with `old` unknown, always); without, unless
+/// it set VRING_AVAIL_F_NO_INTERRUPT. Both are hints in guest memory; when unreadable, interrupt.
+fn driver_wants_interrupt(
+    queue: &Queue,
+    mem: &GuestMemoryMmap,
+    old: Option<u16>,
+    new: u16,
+) -> bool {
     // The used index must be visible before we read the driver's wishes, or a driver that just
     // asked for an interrupt could miss this one (virtio 1.x §2.7.10).
     std::sync::atomic::fence(Ordering::SeqCst);
     if !queue.event_idx_enabled() {
         return !driver_suppresses_interrupts(queue, mem);
     }
+    let Some(old) = old else {
+        return true;
+    };
+    match used_event(queue, mem) {
+        Some(event) => need_event(event, new, old),
+        None => true,
+    }
+}
+
+/// At start, with EVENT_IDX: a driver whose used_event names an entry already in the used ring
+/// (within the last ring's worth) waits for an interrupt an earlier backend never sent (killed
+/// between publishing and signalling). Nothing new may come to trigger one, so signal it now;
+/// a spurious interrupt costs a driver one look at its used ring. A fresh ring (both indices 0)
+/// gets none. Without EVENT_IDX the first publish signals (`Ring::signalled_used`).
+fn wake_a_driver_left_waiting(shared: &QueueShared) {
+    let ring = shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
+    if !ring.queue.event_idx_enabled() {
+        return;
+    }
+    let used_idx = ring.queue.next_used();
+    let window_start = used_idx.wrapping_sub(ring.queue.size());
+    let waiting = used_event(&ring.queue, &shared.mem)
+        .is_some_and(|event| need_event(event, used_idx, window_start));
+    drop(ring);
+    if waiting {
+        info!(
+            queue = shared.index,
+            "the driver waits for a completion already in the used ring: interrupting it"
+        );
+        QueueStats::add(&shared.stats.interrupts, 1);
+        shared.call.signal();
+    }
+}
+
+/// The driver's used_event (EVENT_IDX), if readable.
+fn used_event(queue: &Queue, mem: &GuestMemoryMmap) -> Option<u16> {
     // used_event: after the avail ring's flags, idx and `size` entries.
     let used_event_addr = queue
         .avail_ring()
         .checked_add(4 + 2 * u64::from(queue.size()))
         .map(GuestAddress);
     match used_event_addr.map(|a| mem.load::<u16>(a, Ordering::Acquire)) {
-        Some(Ok(event)) => need_event(u16::from_le(event), new, old),
-        _ => true,
+        Some(Ok(event)) => Some(u16::from_le(event)),
+        _ => None,
     }
 }
 
@@ -1281,7 +1351,7 @@ fn wait(kick: &EventFd, stop: &EventFd, room: &EventFd, kick_usable: bool) -> io
 
 /// Whether our own `fd` becomes readable within `timeout` (a poll error counts as readable, so
 /// the caller goes on to its join rather than loop).
-fn readable_within(fd: &EventFd, timeout: std::time::Duration) -> bool {
+pub(super) fn readable_within(fd: &EventFd, timeout: std::time::Duration) -> bool {
     let mut pfd = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,
@@ -1357,6 +1427,9 @@ mod tests {
     use std::os::unix::fs::FileExt;
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
     use vm_memory::Bytes;
+
+    /// The engines every engine-independent behaviour is checked with.
+    const ALL_ENGINES: [IoEngine; 3] = [IoEngine::Inline, IoEngine::Threads, IoEngine::Uring];
 
     struct Running {
         mem: crate::vhost_user_server::memory::MappedMemory,
@@ -1475,6 +1548,56 @@ mod tests {
             );
         }
 
+        /// Queues a read from `sector` into guest memory at `data`, split into descriptors of
+        /// the lengths in `split`, with slot `n`'s header and status byte.
+        fn submit_read(&mut self, n: u64, sector: u64, data: u64, split: &[u32]) {
+            let g = self.mem.guest().clone();
+            let base = 0x100000 + n * 0x1000;
+            g.write_slice(&request_header(VIRTIO_BLK_T_IN, sector), GuestAddress(base))
+                .unwrap();
+            g.write_obj(0xffu8, GuestAddress(base + 0x400)).unwrap();
+            let mut chain = vec![(base, 16, false)];
+            let mut at = data;
+            for &len in split {
+                chain.push((at, len, true));
+                at += u64::from(len);
+            }
+            chain.push((base + 0x400, 1, true));
+            self.ring.add_chain(&g, &chain);
+        }
+
+        /// Queues a write of the `len` bytes at `data` (filled by the caller) to `sector`, with
+        /// slot `n`'s header and status byte.
+        fn submit_write_from(&mut self, n: u64, sector: u64, data: u64, len: u32) {
+            let g = self.mem.guest().clone();
+            let base = 0x100000 + n * 0x1000;
+            g.write_slice(
+                &request_header(VIRTIO_BLK_T_OUT, sector),
+                GuestAddress(base),
+            )
+            .unwrap();
+            g.write_obj(0xffu8, GuestAddress(base + 0x400)).unwrap();
+            self.ring.add_chain(
+                &g,
+                &[
+                    (base, 16, false),
+                    (data, len, false),
+                    (base + 0x400, 1, true),
+                ],
+            );
+        }
+
+        fn submit_flush(&mut self, n: u64) {
+            use virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH;
+            let g = self.mem.guest().clone();
+            let base = 0x100000 + n * 0x1000;
+            g.write_slice(&request_header(VIRTIO_BLK_T_FLUSH, 0), GuestAddress(base))
+                .unwrap();
+            g.write_obj(0xffu8, GuestAddress(base + 0x400)).unwrap();
+            self.ring
+                .add_chain(&g, &[(base, 16, false), (base + 0x400, 1, true)]);
+        }
+
         fn status_of(&self, n: u64) -> u8 {
             self.mem
                 .guest()
@@ -1543,7 +1666,7 @@ mod tests {
     /// while it lies behind, exactly one once a publish passes it.
     #[test]
     fn event_idx_interrupts_only_when_used_event_is_passed_across_the_wrap() {
-        for engine in [IoEngine::Inline, IoEngine::Threads] {
+        for engine in ALL_ENGINES {
             let mut r = setup();
             r.engine = engine;
             r.event_idx = true;
@@ -1553,7 +1676,15 @@ mod tests {
             // A polling driver: used_event behind everything to come.
             r.ring.set_used_event(&g, start.wrapping_sub(1));
             let worker = r.start(start).unwrap();
-            for n in 0..8u64 {
+            // After a start, the first publish interrupts whatever used_event says (it cannot
+            // know what an earlier backend signalled): let that pass first.
+            r.submit_write(0, 0, 9);
+            r.kick.write(1).unwrap();
+            r.ring.wait_used(&g, start.wrapping_add(1));
+            r.ring.set_used_event(&g, start);
+            std::thread::sleep(Duration::from_millis(20));
+            let _ = r.call.read();
+            for n in 1..8u64 {
                 r.submit_write(n, n, 9);
             }
             r.kick.write(1).unwrap();
@@ -1590,39 +1721,78 @@ mod tests {
         }
     }
 
+    /// A backend killed between publishing and signalling leaves a driver (EVENT_IDX, irq mode)
+    /// waiting for an entry already in the used ring: the next backend interrupts it at start,
+    /// and its first publish interrupts whatever used_event says (its `old` is unknown).
+    #[test]
+    fn a_restarted_queue_wakes_a_driver_the_dead_backend_never_signalled() {
+        for engine in [IoEngine::Inline, IoEngine::Threads, IoEngine::Uring] {
+            let mut r = setup();
+            r.engine = engine;
+            r.event_idx = true;
+            let g = r.mem.guest().clone();
+            // Entries 0..5 published by the dead backend; the driver consumed none and waits for
+            // entry 0.
+            r.ring.start_at(&g, 5);
+            r.ring.set_used_event(&g, 0);
+            let worker = r.start(5).unwrap();
+            assert!(
+                wait_readable(&r.call, Duration::from_secs(10)),
+                "{engine}: woken at start"
+            );
+            r.call.read().unwrap();
+            assert_eq!(worker.stop(), 5);
+            // used_event far behind (0, outside 5..6): a test of old..new alone would say no.
+            let worker = r.start(5).unwrap();
+            r.ring.set_used_event(&g, 3);
+            let _ = r.call.read();
+            r.submit_write(0, 0, 1);
+            r.kick.write(1).unwrap();
+            r.ring.wait_used(&g, 6);
+            assert!(
+                wait_readable(&r.call, Duration::from_secs(10)),
+                "{engine}: the first publish after a start interrupts"
+            );
+            assert_eq!(worker.stop(), 6);
+        }
+    }
+
     /// An idle queue asks for kicks again: with EVENT_IDX avail_event names the next entry,
     /// without it used.flags is clear; while it works, it asks for none.
     #[test]
     fn an_idle_queue_leaves_kicks_on() {
-        for event_idx in [false, true] {
-            let mut r = setup();
-            r.event_idx = event_idx;
-            let g = r.mem.guest().clone();
-            let worker = r.start(0).unwrap();
-            for n in 0..5u64 {
-                r.submit_write(n, n, 4);
-            }
-            r.kick.write(1).unwrap();
-            r.ring.wait_used(&g, 5);
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            loop {
-                let on = if event_idx {
-                    r.ring.avail_event(&g) == 5
-                } else {
-                    r.ring.used_flags(&g) == 0
-                };
-                if on {
-                    break;
+        for engine in ALL_ENGINES {
+            for event_idx in [false, true] {
+                let mut r = setup();
+                r.engine = engine;
+                r.event_idx = event_idx;
+                let g = r.mem.guest().clone();
+                let worker = r.start(0).unwrap();
+                for n in 0..5u64 {
+                    r.submit_write(n, n, 4);
                 }
-                assert!(std::time::Instant::now() < deadline, "kicks stay off");
-                std::thread::sleep(Duration::from_millis(1));
+                r.kick.write(1).unwrap();
+                r.ring.wait_used(&g, 5);
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    let on = if event_idx {
+                        r.ring.avail_event(&g) == 5
+                    } else {
+                        r.ring.used_flags(&g) == 0
+                    };
+                    if on {
+                        break;
+                    }
+                    assert!(std::time::Instant::now() < deadline, "kicks stay off");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                // It sleeps on the kick fd now: a request and a kick are served.
+                r.submit_write(5, 5, 4);
+                r.kick.write(1).unwrap();
+                r.ring.wait_used(&g, 6);
+                assert_eq!(worker.stop(), 6);
+                assert_eq!(r.ring.used_flags(&g), 0, "a stopped queue leaves kicks on");
             }
-            // It sleeps on the kick fd now: a request and a kick are served.
-            r.submit_write(5, 5, 4);
-            r.kick.write(1).unwrap();
-            r.ring.wait_used(&g, 6);
-            assert_eq!(worker.stop(), 6);
-            assert_eq!(r.ring.used_flags(&g), 0, "a stopped queue leaves kicks on");
         }
     }
 
@@ -1649,67 +1819,75 @@ mod tests {
 
     #[test]
     fn io_engines_parse_and_print() {
-        for engine in [IoEngine::Inline, IoEngine::Threads] {
+        for engine in ALL_ENGINES {
             assert_eq!(engine.to_string().parse::<IoEngine>(), Ok(engine));
         }
-        assert!("uring".parse::<IoEngine>().is_err());
-        assert!("".parse::<IoEngine>().is_err());
+        assert_eq!("uring".parse::<IoEngine>(), Ok(IoEngine::Uring));
+        for bad in ["io_uring", "Uring", ""] {
+            assert!(bad.parse::<IoEngine>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]
     fn many_requests_in_flight_all_complete_and_signal_the_call_fd() {
-        let mut r = setup();
-        let worker = r.start(0).unwrap();
-        for n in 0..32u64 {
-            r.submit_write(n, n, n as u8 + 1);
+        for engine in ALL_ENGINES {
+            let mut r = setup();
+            r.engine = engine;
+            let worker = r.start(0).unwrap();
+            for n in 0..32u64 {
+                r.submit_write(n, n, n as u8 + 1);
+            }
+            r.kick.write(1).unwrap();
+            r.ring.wait_used(r.mem.guest(), 32);
+            assert!(r.call.read().unwrap() >= 1, "call fd was signalled");
+            let mut heads: Vec<u32> = (0..32)
+                .map(|i| r.ring.used_elem(r.mem.guest(), i).0)
+                .collect();
+            heads.sort_unstable();
+            let expected: Vec<u32> = (0..32).map(|n| n * 3).collect();
+            assert_eq!(heads, expected, "every head completed exactly once");
+            for n in 0..32u64 {
+                assert_eq!(r.status_of(n), 0, "request {n}");
+                let mut sector = [0u8; 512];
+                r.disk_file.read_exact_at(&mut sector, n * 512).unwrap();
+                assert!(sector.iter().all(|&b| b == n as u8 + 1), "sector {n}");
+            }
+            assert_eq!(worker.stop(), 32);
+            assert!(r.err.read().is_err(), "err fd must stay quiet");
         }
-        r.kick.write(1).unwrap();
-        r.ring.wait_used(r.mem.guest(), 32);
-        assert!(r.call.read().unwrap() >= 1, "call fd was signalled");
-        let mut heads: Vec<u32> = (0..32)
-            .map(|i| r.ring.used_elem(r.mem.guest(), i).0)
-            .collect();
-        heads.sort_unstable();
-        let expected: Vec<u32> = (0..32).map(|n| n * 3).collect();
-        assert_eq!(heads, expected, "every head completed exactly once");
-        for n in 0..32u64 {
-            assert_eq!(r.status_of(n), 0, "request {n}");
-            let mut sector = [0u8; 512];
-            r.disk_file.read_exact_at(&mut sector, n * 512).unwrap();
-            assert!(sector.iter().all(|&b| b == n as u8 + 1), "sector {n}");
-        }
-        assert_eq!(worker.stop(), 32);
-        assert!(r.err.read().is_err(), "err fd must stay quiet");
     }
 
     #[test]
     fn a_stopped_queue_resumes_where_it_left_off() {
-        let mut r = setup();
-        r.submit_write(0, 10, 0x11);
-        // Queued before the worker starts: served without a kick.
-        let worker = r.start(0).unwrap();
-        r.ring.wait_used(r.mem.guest(), 1);
-        let next_avail = worker.stop();
-        assert_eq!(next_avail, 1);
+        for engine in ALL_ENGINES {
+            let mut r = setup();
+            r.engine = engine;
+            r.submit_write(0, 10, 0x11);
+            // Queued before the worker starts: served without a kick.
+            let worker = r.start(0).unwrap();
+            r.ring.wait_used(r.mem.guest(), 1);
+            let next_avail = worker.stop();
+            assert_eq!(next_avail, 1);
 
-        // While stopped, nothing is served.
-        r.submit_write(1, 11, 0x22);
-        r.kick.write(1).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        assert_eq!(r.ring.used_idx(r.mem.guest()), 1);
+            // While stopped, nothing is served.
+            r.submit_write(1, 11, 0x22);
+            r.kick.write(1).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert_eq!(r.ring.used_idx(r.mem.guest()), 1);
 
-        let worker = r.start(next_avail).unwrap();
-        r.ring.wait_used(r.mem.guest(), 2);
-        assert_eq!(
-            r.ring.used_elem(r.mem.guest(), 1).0,
-            3,
-            "second chain's head"
-        );
-        assert_eq!(r.status_of(1), 0);
-        assert_eq!(worker.stop(), 2);
-        let mut sector = [0u8; 512];
-        r.disk_file.read_exact_at(&mut sector, 11 * 512).unwrap();
-        assert!(sector.iter().all(|&b| b == 0x22));
+            let worker = r.start(next_avail).unwrap();
+            r.ring.wait_used(r.mem.guest(), 2);
+            assert_eq!(
+                r.ring.used_elem(r.mem.guest(), 1).0,
+                3,
+                "second chain's head"
+            );
+            assert_eq!(r.status_of(1), 0);
+            assert_eq!(worker.stop(), 2);
+            let mut sector = [0u8; 512];
+            r.disk_file.read_exact_at(&mut sector, 11 * 512).unwrap();
+            assert!(sector.iter().all(|&b| b == 0x22));
+        }
     }
 
     #[test]
@@ -1741,21 +1919,24 @@ mod tests {
 
     #[test]
     fn an_impossible_avail_index_breaks_the_queue_and_signals_err() {
-        let r = setup();
-        let worker = r.start(0).unwrap();
-        // The driver claims 1000 new entries in a 128-entry ring.
-        r.publish_impossible_avail_idx();
-        r.kick.write(1).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while r.err.read().is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "err fd never signalled"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(1));
+        for engine in ALL_ENGINES {
+            let mut r = setup();
+            r.engine = engine;
+            let worker = r.start(0).unwrap();
+            // The driver claims 1000 new entries in a 128-entry ring.
+            r.publish_impossible_avail_idx();
+            r.kick.write(1).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while r.err.read().is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "err fd never signalled"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert_eq!(r.ring.used_idx(r.mem.guest()), 0);
+            assert_eq!(worker.stop(), 0);
         }
-        assert_eq!(r.ring.used_idx(r.mem.guest()), 0);
-        assert_eq!(worker.stop(), 0);
     }
 
     #[test]
@@ -1994,11 +2175,15 @@ mod tests {
         let mut r = setup();
         r.engine = IoEngine::Threads;
         let (region, _memfd) = inflight_region(r.ring.size);
+        let worker = r.start_tracked(0, Some(region.clone()), None).unwrap();
+        // The requests come after the gate closed, all at once (no lone one to run inline):
+        // none may complete before the check below.
+        let gate = worker.shared.test_io_gate.write().unwrap();
+        r.ring.hold_avail_idx = true;
         for n in 0..8u64 {
             r.submit_write(n, n, 5);
         }
-        let worker = r.start_tracked(0, Some(region.clone()), None).unwrap();
-        let gate = worker.shared.test_io_gate.write().unwrap();
+        r.ring.publish_held(r.mem.guest());
         r.kick.write(1).unwrap();
         let popped = || worker.shared.queue.lock().unwrap().queue.next_avail();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -2131,20 +2316,23 @@ mod tests {
     /// broken (err fd), as QEMU breaks the device.
     #[test]
     fn a_head_outside_the_ring_breaks_it() {
-        let mut r = setup();
-        let g = r.mem.guest().clone();
-        r.ring.publish(&g, 500);
-        let worker = r.start(0).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while r.err.read().is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "err fd never signalled"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(1));
+        for engine in ALL_ENGINES {
+            let mut r = setup();
+            r.engine = engine;
+            let g = r.mem.guest().clone();
+            r.ring.publish(&g, 500);
+            let worker = r.start(0).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while r.err.read().is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "err fd never signalled"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert_eq!(r.ring.used_idx(&g), 0);
+            assert_eq!(stop_bounded(worker), 1);
         }
-        assert_eq!(r.ring.used_idx(&g), 0);
-        assert_eq!(stop_bounded(worker), 1);
     }
 
     #[test]
@@ -2215,5 +2403,348 @@ mod tests {
         let copy = snapshot(&region);
         let view = SplitQueue::decode(0, heads, &copy).unwrap();
         assert_eq!(view.inflight_count(), 0);
+    }
+
+    const IOERR: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+
+    /// Guest memory for the uring tests' read buffers: a page per request from here.
+    const READ_BUFFERS: u64 = 0x180000;
+
+    /// Writes then reads through the io_uring: the data lands on the disk and in guest memory,
+    /// across descriptors split anywhere, with the used lengths `execute` gives.
+    #[test]
+    fn the_uring_engine_moves_data_between_guest_memory_and_the_disk() {
+        let mut r = setup();
+        r.engine = IoEngine::Uring;
+        let g = r.mem.guest().clone();
+        let worker = r.start(0).unwrap();
+        for n in 0..32u64 {
+            r.submit_write(n, n, n as u8 + 1);
+        }
+        r.kick.write(1).unwrap();
+        r.ring.wait_used(&g, 32);
+        for n in 0..32u64 {
+            assert_eq!(r.status_of(n), 0, "write {n}");
+            assert_eq!(
+                r.ring.used_elem(&g, n as u16).1,
+                1,
+                "write {n}: status only"
+            );
+            let mut sector = [0u8; 512];
+            r.disk_file.read_exact_at(&mut sector, n * 512).unwrap();
+            assert!(sector.iter().all(|&b| b == n as u8 + 1), "sector {n}");
+        }
+        // Two sectors per read, in two uneven descriptors.
+        for m in 0..16u64 {
+            r.submit_read(32 + m, 2 * m, READ_BUFFERS + m * 0x1000, &[700, 324]);
+        }
+        r.kick.write(1).unwrap();
+        r.ring.wait_used(&g, 48);
+        for m in 0..16u64 {
+            assert_eq!(r.status_of(32 + m), 0, "read {m}");
+            let mut data = [0u8; 1024];
+            g.read_slice(&mut data, GuestAddress(READ_BUFFERS + m * 0x1000))
+                .unwrap();
+            assert!(
+                data[..512].iter().all(|&b| b == 2 * m as u8 + 1),
+                "read {m}"
+            );
+            assert!(
+                data[512..].iter().all(|&b| b == 2 * m as u8 + 2),
+                "read {m}"
+            );
+        }
+        let mut used_lens: Vec<u32> = (32..48u16).map(|i| r.ring.used_elem(&g, i).1).collect();
+        used_lens.dedup();
+        assert_eq!(used_lens, [1025], "data and status");
+        assert_eq!(worker.stop(), 48);
+        assert!(r.err.read().is_err());
+    }
+
+    /// A flush queued behind writes completes after all of them (it waits for the writes in
+    /// flight before it goes to the kernel), and they are on the disk.
+    #[test]
+    fn a_uring_flush_completes_after_the_writes_before_it() {
+        let mut r = setup();
+        r.engine = IoEngine::Uring;
+        let g = r.mem.guest().clone();
+        let worker = r.start(0).unwrap();
+        for n in 0..8u64 {
+            r.submit_write(n, n, 0x40 + n as u8);
+        }
+        r.submit_flush(8);
+        r.kick.write(1).unwrap();
+        r.ring.wait_used(&g, 9);
+        assert_eq!(r.status_of(8), 0, "flush OK");
+        assert_eq!(r.ring.used_elem(&g, 8), (24, 1), "the flush is last");
+        for n in 0..8u64 {
+            assert_eq!(r.status_of(n), 0, "write {n}");
+            let mut sector = [0u8; 512];
+            r.disk_file.read_exact_at(&mut sector, n * 512).unwrap();
+            assert!(sector.iter().all(|&b| b == 0x40 + n as u8), "sector {n}");
+        }
+        assert_eq!(worker.stop(), 9);
+    }
+
+    /// Requests that fail a check (a buffer outside guest memory, a sector past the end) get
+    /// IOERR from `execute`; the ones around them go through the io_uring and complete.
+    #[test]
+    fn a_bad_request_among_uring_ones_fails_alone() {
+        let mut r = setup();
+        r.engine = IoEngine::Uring;
+        let g = r.mem.guest().clone();
+        r.disk_file.write_all_at(&[0x33; 512], 5 * 512).unwrap();
+        let worker = r.start(0).unwrap();
+        r.submit_write(0, 0, 0x11);
+        // Guest memory is 2 MiB: this buffer runs past its end.
+        r.submit_read(1, 0, 0x1ff000, &[0x2000]);
+        r.submit_read(2, 5, READ_BUFFERS, &[512]);
+        // The disk has 256 sectors.
+        r.submit_write(3, 256, 0x22);
+        r.submit_write(4, 1, 0x44);
+        r.kick.write(1).unwrap();
+        r.ring.wait_used(&g, 5);
+        let statuses: Vec<u8> = (0..5).map(|n| r.status_of(n)).collect();
+        assert_eq!(statuses, [0, IOERR, 0, IOERR, 0]);
+        let mut data = [0u8; 512];
+        g.read_slice(&mut data, GuestAddress(READ_BUFFERS)).unwrap();
+        assert!(data.iter().all(|&b| b == 0x33));
+        let mut sector = [0u8; 512];
+        r.disk_file.read_exact_at(&mut sector, 512).unwrap();
+        assert!(sector.iter().all(|&b| b == 0x44));
+        assert_eq!(worker.stop(), 5);
+        assert!(
+            r.err.read().is_err(),
+            "a failed request is not a broken ring"
+        );
+    }
+
+    /// A pipe as (read end, write end).
+    fn pipe() -> (std::fs::File, std::fs::File) {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: `fds` is an array of two ints for pipe2 to fill.
+        let ret = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(ret, 0, "pipe2: {}", io::Error::last_os_error());
+        // SAFETY: both fds were just created by pipe2 and are owned by nobody else.
+        unsafe {
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        }
+    }
+
+    /// A stop while reads are really in flight in the kernel (the "disk" is a pipe: a read
+    /// completes when the test writes to it) returns only once they have completed and reached
+    /// the used ring; the inflight region marks them until then, and is clear after.
+    #[test]
+    fn a_uring_stop_waits_for_the_ops_in_flight_and_publishes_them() {
+        use std::io::Write;
+        let mut r = setup();
+        r.engine = IoEngine::Uring;
+        let g = r.mem.guest().clone();
+        let (reader, mut writer) = pipe();
+        r.disk = Arc::new(Disk::with_capacity(reader, 256));
+        let (region, _memfd) = inflight_region(r.ring.size);
+        let worker = r.start_tracked(0, Some(region.clone()), None).unwrap();
+        for n in 0..8u64 {
+            r.submit_read(n, n, READ_BUFFERS + n * 0x1000, &[512]);
+        }
+        r.kick.write(1).unwrap();
+        let shared = Arc::clone(&worker.shared);
+        let popped = || shared.queue.lock().unwrap().queue.next_avail();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while popped() != 8 {
+            assert!(std::time::Instant::now() < deadline, "not all popped");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(worker.stop());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "stop returned with reads in flight"
+        );
+        assert_eq!(r.ring.used_idx(&g), 0);
+        let copy = snapshot(&region);
+        let view = SplitQueue::decode(0, r.ring.size, &copy).unwrap();
+        let fetched: Vec<(u16, u64)> = (0..8u16).map(|n| (n * 3, u64::from(n))).collect();
+        assert_eq!(view.inflight_descs_in_counter_order(), fetched);
+        writer.write_all(&[0x5a; 8 * 512]).unwrap();
+        let next_avail = rx.recv_timeout(Duration::from_secs(10)).expect("stop hung");
+        assert_eq!(next_avail, 8);
+        assert_eq!(r.ring.used_idx(&g), 8, "stopped before publishing");
+        for n in 0..8u64 {
+            assert_eq!(r.status_of(n), 0, "read {n}");
+            let mut data = [0u8; 512];
+            g.read_slice(&mut data, GuestAddress(READ_BUFFERS + n * 0x1000))
+                .unwrap();
+            assert!(data.iter().all(|&b| b == 0x5a), "read {n}");
+        }
+        let copy = snapshot(&region);
+        let view = SplitQueue::decode(0, r.ring.size, &copy).unwrap();
+        assert_eq!(view.inflight_count(), 0);
+        assert_eq!(view.header().used_idx, 8);
+    }
+
+    /// Guest memory the frontend truncated away under an op: the kernel's copy fails with
+    /// EFAULT (where ours would fault), the request gets IOERR, a write puts nothing on the
+    /// disk, and requests in the memory that is left complete.
+    #[test]
+    fn uring_ops_on_vanished_guest_memory_fail_with_ioerr() {
+        let mut r = setup();
+        r.engine = IoEngine::Uring;
+        let g = r.mem.guest().clone();
+        r.disk_file.write_all_at(&[0xee; 1024], 0).unwrap();
+        let vanished = 0x1c0000;
+        g.write_slice(&[0x5a; 512], GuestAddress(vanished)).unwrap();
+        let worker = r.start(0).unwrap();
+        // The rings and the requests' headers and status bytes stay; the data page goes.
+        r._ram.set_len(0x180000).unwrap();
+        r.submit_read(0, 0, vanished, &[512]);
+        r.submit_write_from(1, 1, vanished, 512);
+        r.submit_write(2, 2, 0x77);
+        r.kick.write(1).unwrap();
+        r.ring.wait_used(&g, 3);
+        let statuses: Vec<u8> = (0..3).map(|n| r.status_of(n)).collect();
+        assert_eq!(statuses, [IOERR, IOERR, 0]);
+        assert_eq!(r.ring.used_elem(&g, 0).1, 1, "no data for a failed read");
+        let mut on_disk = [0u8; 1024];
+        r.disk_file.read_exact_at(&mut on_disk, 0).unwrap();
+        assert!(on_disk.iter().all(|&b| b == 0xee), "the disk was written");
+        r.disk_file
+            .read_exact_at(&mut on_disk[..512], 1024)
+            .unwrap();
+        assert!(on_disk[..512].iter().all(|&b| b == 0x77));
+        assert_eq!(worker.stop(), 3);
+    }
+
+    /// On an image opened with O_DIRECT, aligned buffers go to the io_uring and unaligned ones
+    /// (data 256 bytes into a page) through `execute`'s aligned bounce buffer: both work.
+    #[test]
+    fn a_uring_queue_on_an_o_direct_image_serves_aligned_and_unaligned_buffers() {
+        let path = std::path::Path::new("/var/tmp")
+            .join(format!("uring-path-direct-{}.img", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(256 * 512).unwrap();
+        let opened = Disk::open(&path, false, true);
+        let _ = std::fs::remove_file(&path);
+        let disk = match opened {
+            Ok(disk) => disk,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                eprintln!("not run: /var/tmp has no O_DIRECT ({e})");
+                return;
+            }
+            Err(e) => panic!("open {}: {e}", path.display()),
+        };
+        let mut r = setup();
+        r.engine = IoEngine::Uring;
+        r.disk = Arc::new(disk);
+        r.disk_file = file;
+        let g = r.mem.guest().clone();
+        let worker = r.start(0).unwrap();
+        // Aligned: a page of its own for each (8 sectors).
+        for m in 0..4u64 {
+            let data = READ_BUFFERS + m * 0x1000;
+            g.write_slice(&[0xa0 + m as u8; 4096], GuestAddress(data))
+                .unwrap();
+            r.submit_write_from(m, 8 * m, data, 4096);
+        }
+        // Unaligned: submit_write's data lies at +0x100 in its slot.
+        r.submit_write(4, 100, 0xbb);
+        r.kick.write(1).unwrap();
+        r.ring.wait_used(&g, 5);
+        assert_eq!((0..5).map(|n| r.status_of(n)).collect::<Vec<_>>(), [0; 5]);
+        // Read everything back, aligned and not.
+        for m in 0..4u64 {
+            r.submit_read(5 + m, 8 * m, 0x1c0000 + m * 0x1000, &[4096]);
+        }
+        r.submit_read(9, 100, 0x1c4010, &[512]);
+        r.kick.write(1).unwrap();
+        r.ring.wait_used(&g, 10);
+        assert_eq!((5..10).map(|n| r.status_of(n)).collect::<Vec<_>>(), [0; 5]);
+        for m in 0..4u64 {
+            let mut data = [0u8; 4096];
+            g.read_slice(&mut data, GuestAddress(0x1c0000 + m * 0x1000))
+                .unwrap();
+            assert!(data.iter().all(|&b| b == 0xa0 + m as u8), "block {m}");
+        }
+        let mut data = [0u8; 512];
+        g.read_slice(&mut data, GuestAddress(0x1c4010)).unwrap();
+        assert!(data.iter().all(|&b| b == 0xbb));
+        let mut on_disk = [0u8; 512];
+        r.disk_file.read_exact_at(&mut on_disk, 100 * 512).unwrap();
+        assert!(on_disk.iter().all(|&b| b == 0xbb));
+        assert_eq!(worker.stop(), 10);
+    }
+
+    /// A uring worker "dies" at each crash point with requests in flight; a restarted uring
+    /// worker (SET_VRING_BASE = used idx, as QEMU sends it) runs the resubmitted heads first and
+    /// completes every request exactly once, new ones too.
+    #[test]
+    fn a_uring_worker_killed_mid_flight_loses_and_repeats_nothing() {
+        const BEFORE: u64 = 20;
+        const AFTER: u64 = 10;
+        for (point, after) in [
+            (CrashPoint::AfterFetch, 5),
+            (CrashPoint::BeforePublish, 0),
+            (CrashPoint::AfterPublish, 0),
+        ] {
+            let mut r = setup();
+            r.engine = IoEngine::Uring;
+            let (region, memfd) = inflight_region(r.ring.size);
+            let worker = r.start_tracked(0, Some(region), None).unwrap();
+            worker.shared.test_crash.arm(point, after);
+            for n in 0..BEFORE {
+                r.submit_write(n, n, n as u8 + 1);
+            }
+            r.kick.write(1).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !worker.shared.test_crash.is_dead() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{point:?}: never died"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = stop_bounded(worker);
+            let seen_by_guest = r.ring.used_idx(r.mem.guest());
+            for n in BEFORE..BEFORE + AFTER {
+                r.submit_write(n, n, n as u8 + 1);
+            }
+            let restarted = r
+                .start_tracked(seen_by_guest, Some(map_again(&memfd, r.ring.size)), None)
+                .unwrap();
+            r.kick.write(1).unwrap();
+            let total = (BEFORE + AFTER) as u16;
+            r.ring.wait_used(r.mem.guest(), total);
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(stop_bounded(restarted), total, "{point:?}");
+            assert_eq!(r.ring.used_idx(r.mem.guest()), total, "{point:?}: a repeat");
+            let mut heads = r.used_heads(total);
+            heads.sort_unstable();
+            let expected: Vec<u32> = (0..u32::from(total)).map(|n| n * 3).collect();
+            assert_eq!(heads, expected, "{point:?}: every head exactly once");
+            for n in 0..u64::from(total) {
+                assert_eq!(r.status_of(n), 0, "{point:?}: request {n}");
+                let mut sector = [0u8; 512];
+                r.disk_file.read_exact_at(&mut sector, n * 512).unwrap();
+                assert!(
+                    sector.iter().all(|&b| b == n as u8 + 1),
+                    "{point:?}: sector {n}"
+                );
+            }
+            let copy = snapshot(&map_again(&memfd, r.ring.size));
+            let view = SplitQueue::decode(0, r.ring.size, &copy).unwrap();
+            assert_eq!(view.inflight_count(), 0, "{point:?}");
+            assert_eq!(view.header().used_idx, total, "{point:?}");
+        }
     }
 }

@@ -207,20 +207,72 @@ impl BlkRequest {
                 }
             },
         };
-        if let Err(e) = mem.write_obj(status, status_addr) {
-            // The address was checked at parse time against this same memory; keep going anyway.
-            warn!(head = self.head, "cannot write virtio-blk status byte: {e}");
-            return Completion {
-                head: self.head,
-                used_len: 0,
-                status: None,
-            };
-        }
-        Completion {
-            head: self.head,
-            used_len: data_written.saturating_add(1),
-            status: Some(status),
-        }
+        finish(mem, self.head, status_addr, status, data_written)
+    }
+
+    /// The disk transfer of an IN or OUT that passes every check [`execute`](Self::execute)
+    /// makes before it moves bytes: a status byte, a well-formed body, a writable disk for OUT,
+    /// a byte range inside the disk, data buffers inside guest memory. `None` for every other
+    /// request, and for one that fails a check: `execute` runs (or refuses) those as usual.
+    pub fn transfer(&self, mem: &GuestMemoryMmap, disk: &Disk) -> Option<Transfer<'_>> {
+        let status_addr = self.status_addr?;
+        let body = self.body.as_ref().ok()?;
+        let (write, buffers) = match body.kind {
+            RequestKind::In => (false, &body.writable_data),
+            RequestKind::Out if !disk.is_readonly() => (true, &body.readable_data),
+            _ => return None,
+        };
+        let len = total_len(buffers);
+        let offset = disk.byte_range(body.sector, len).ok()?;
+        check_buffers(mem, buffers).ok()?;
+        Some(Transfer {
+            status_addr,
+            write,
+            offset,
+            buffers,
+            len,
+        })
+    }
+}
+
+/// A checked read (IN) or write (OUT) of a request, for an engine that moves the bytes itself
+/// (`uring_path`); see [`BlkRequest::transfer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transfer<'a> {
+    pub status_addr: GuestAddress,
+    /// OUT: the buffers go to the disk. IN: the disk goes into the buffers.
+    pub write: bool,
+    /// Byte offset on the disk (inside it: checked).
+    pub offset: u64,
+    /// The data buffers, each in guest memory (checked), possibly across adjacent regions.
+    pub buffers: &'a [GuestBuffer],
+    /// Their total length, a multiple of the sector size.
+    pub len: u64,
+}
+
+/// Writes a finished request's status byte and says what the used ring gets: `data_written`
+/// bytes of data in the chain's writable buffers plus the status byte (length 0 and no status
+/// when the byte cannot be written).
+pub fn finish(
+    mem: &GuestMemoryMmap,
+    head: u16,
+    status_addr: GuestAddress,
+    status: u8,
+    data_written: u32,
+) -> Completion {
+    if let Err(e) = mem.write_obj(status, status_addr) {
+        // The address was checked at parse time against this same memory; keep going anyway.
+        warn!(head, "cannot write virtio-blk status byte: {e}");
+        return Completion {
+            head,
+            used_len: 0,
+            status: None,
+        };
+    }
+    Completion {
+        head,
+        used_len: data_written.saturating_add(1),
+        status: Some(status),
     }
 }
 
