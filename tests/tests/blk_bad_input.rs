@@ -124,19 +124,19 @@ fn blk_spec_syntax_errors() {
     for (spec, why) in [
         (
             "bogus",
-            "expected path=FILE[,readonly][,queues=N] or socket=PATH[,queues=N]",
+            "expected path=FILE[,readonly][,queues=N][,direct=on|off][,engine=inline|threads|uring] or socket=PATH[,queues=N]",
         ),
         (
             "path=",
-            "expected path=FILE[,readonly][,queues=N] or socket=PATH[,queues=N]",
+            "expected path=FILE[,readonly][,queues=N][,direct=on|off][,engine=inline|threads|uring] or socket=PATH[,queues=N]",
         ),
         (
             "file=/x.img",
-            "expected path=FILE[,readonly][,queues=N] or socket=PATH[,queues=N]",
+            "expected path=FILE[,readonly][,queues=N][,direct=on|off][,engine=inline|threads|uring] or socket=PATH[,queues=N]",
         ),
         (
             "path=/x.img,readonly,extra",
-            "expected path=FILE[,readonly][,queues=N] or socket=PATH[,queues=N]",
+            "expected path=FILE[,readonly][,queues=N][,direct=on|off][,engine=inline|threads|uring] or socket=PATH[,queues=N]",
         ),
         (
             "path=/a.img,socket=/b.sock",
