@@ -2267,31 +2267,41 @@ mod tests {
                 .start_tracked(seen_by_guest, Some(map_again(&memfd, r.ring.size)), delay)
                 .unwrap();
             r.kick.write(1).unwrap();
-            let total = (BEFORE + AFTER) as u16;
-            r.ring.wait_used(r.mem.guest(), total);
-            // Nothing more arrives: a repeat would push the used idx past the total.
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            assert_eq!(stop_bounded(restarted), total, "{point:?}");
-            assert_eq!(r.ring.used_idx(r.mem.guest()), total, "{point:?}: a repeat");
-            let mut heads = r.used_heads(total);
-            heads.sort_unstable();
-            let expected: Vec<u32> = (0..u32::from(total)).map(|n| n * 3).collect();
-            assert_eq!(heads, expected, "{point:?}: every head exactly once");
-            for n in 0..u64::from(total) {
-                assert_eq!(r.status_of(n), 0, "{point:?}: request {n}");
-                let mut sector = [0u8; 512];
-                r.disk_file.read_exact_at(&mut sector, n * 512).unwrap();
-                assert!(
-                    sector.iter().all(|&b| b == n as u8 + 1),
-                    "{point:?}: sector {n}"
-                );
-            }
-            let region = map_again(&memfd, r.ring.size);
-            let copy = snapshot(&region);
-            let view = SplitQueue::decode(0, r.ring.size, &copy).unwrap();
-            assert_eq!(view.inflight_count(), 0, "{point:?}");
-            assert_eq!(view.header().used_idx, total, "{point:?}");
+            assert_each_request_done_once(&r, restarted, &memfd, (BEFORE + AFTER) as u16, point);
         }
+    }
+
+    /// After a kill at `point` and a restart: requests 0..total (each writing `n + 1` to sector
+    /// `n`) reach the used ring exactly once, OK and on disk, and the region ends clear.
+    fn assert_each_request_done_once(
+        r: &Running,
+        restarted: QueueWorker,
+        memfd: &std::fs::File,
+        total: u16,
+        point: CrashPoint,
+    ) {
+        r.ring.wait_used(r.mem.guest(), total);
+        // Nothing more arrives: a repeat would push the used idx past the total.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(stop_bounded(restarted), total, "{point:?}");
+        assert_eq!(r.ring.used_idx(r.mem.guest()), total, "{point:?}: a repeat");
+        let mut heads = r.used_heads(total);
+        heads.sort_unstable();
+        let expected: Vec<u32> = (0..u32::from(total)).map(|n| n * 3).collect();
+        assert_eq!(heads, expected, "{point:?}: every head exactly once");
+        for n in 0..u64::from(total) {
+            assert_eq!(r.status_of(n), 0, "{point:?}: request {n}");
+            let mut sector = [0u8; 512];
+            r.disk_file.read_exact_at(&mut sector, n * 512).unwrap();
+            assert!(
+                sector.iter().all(|&b| b == n as u8 + 1),
+                "{point:?}: sector {n}"
+            );
+        }
+        let copy = snapshot(&map_again(memfd, r.ring.size));
+        let view = SplitQueue::decode(0, r.ring.size, &copy).unwrap();
+        assert_eq!(view.inflight_count(), 0, "{point:?}");
+        assert_eq!(view.header().used_idx, total, "{point:?}");
     }
 
     /// A region whose desc_num disagrees with the ring refuses the start; an untracked ring is
@@ -2723,28 +2733,7 @@ mod tests {
                 .start_tracked(seen_by_guest, Some(map_again(&memfd, r.ring.size)), None)
                 .unwrap();
             r.kick.write(1).unwrap();
-            let total = (BEFORE + AFTER) as u16;
-            r.ring.wait_used(r.mem.guest(), total);
-            std::thread::sleep(Duration::from_millis(50));
-            assert_eq!(stop_bounded(restarted), total, "{point:?}");
-            assert_eq!(r.ring.used_idx(r.mem.guest()), total, "{point:?}: a repeat");
-            let mut heads = r.used_heads(total);
-            heads.sort_unstable();
-            let expected: Vec<u32> = (0..u32::from(total)).map(|n| n * 3).collect();
-            assert_eq!(heads, expected, "{point:?}: every head exactly once");
-            for n in 0..u64::from(total) {
-                assert_eq!(r.status_of(n), 0, "{point:?}: request {n}");
-                let mut sector = [0u8; 512];
-                r.disk_file.read_exact_at(&mut sector, n * 512).unwrap();
-                assert!(
-                    sector.iter().all(|&b| b == n as u8 + 1),
-                    "{point:?}: sector {n}"
-                );
-            }
-            let copy = snapshot(&map_again(&memfd, r.ring.size));
-            let view = SplitQueue::decode(0, r.ring.size, &copy).unwrap();
-            assert_eq!(view.inflight_count(), 0, "{point:?}");
-            assert_eq!(view.header().used_idx, total, "{point:?}");
+            assert_each_request_done_once(&r, restarted, &memfd, (BEFORE + AFTER) as u16, point);
         }
     }
 }
